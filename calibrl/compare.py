@@ -1,0 +1,124 @@
+"""`python -m calibrl compare`: train several modes from the same start with the same seeds and data order, then
+write an HTML report.
+
+    python -m calibrl compare --budget smoke                       # GRPO vs CalibRL, seed 0, CI-sized
+    python -m calibrl compare --budget small --seeds 0,1,2         # the README result (~10 min per seed, 2 cores)
+
+Output: OUT/NAME/<mode>-s<seed>/ (config.json, history.jsonl, samples.jsonl, eval.jsonl, checkpoint/, adapter/)
+and OUT/NAME/report.html.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Command-line options of `compare`."""
+    parser.add_argument("--budget", default="smoke", choices=("smoke", "small", "full"), help="size dial (default smoke)")
+    parser.add_argument("--model", default="tiny", help="tiny (embedded default), a local path or a hub id")
+    parser.add_argument("--task", default=None, help="task family (default: calibrl.tasks.DEFAULT_TASK)")
+    parser.add_argument("--modes", default="grpo,calibrl", help="comma-separated modes (default grpo,calibrl)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    parser.add_argument("--steps", type=int, default=None, help="override the budget's number of RL steps")
+    parser.add_argument("--out", default="runs", help="parent output directory (default runs/)")
+    parser.add_argument("--name", default=None, help="comparison directory name (default compare-<budget>)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
+    parser.add_argument("--quantization", default=None, choices=("4bit",), help="4-bit NF4 base model (GPU, hub VLMs)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="replace an existing comparison directory")
+    group.add_argument("--resume", action="store_true", help="continue the runs of an existing comparison")
+
+
+def _parse_list(text: str, what: str, cast=str) -> list:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"{what}: expected a comma-separated list, got {text!r}")
+    try:
+        out = [cast(x) for x in items]
+    except ValueError:
+        raise ValueError(f"{what}: expected comma-separated {cast.__name__} values, got {text!r}") from None
+    if len(set(out)) != len(out):
+        raise ValueError(f"{what}: expected distinct values, got {text!r}")
+    return out
+
+
+def compare(*, budget: str = "smoke", model: str = "tiny", task: str | None = None,
+            modes: list[str] = ("grpo", "calibrl"), seeds: list[int] = (0,), out: str | Path = "runs",
+            name: str | None = None, overwrite: bool = False, resume: bool = False, progress: bool = True,
+            **overrides) -> Path:
+    """Train every (seed, mode) from the same start and write OUT/NAME/report.html; returns the report path.
+
+    All inputs are checked (configs, datasets, the model's processor) before any training starts."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from calibrl.config import TrainConfig
+    from calibrl.models import load_policy
+    from calibrl.report import write_report
+    from calibrl.tasks import DEFAULT_TASK, make_dataset
+    from calibrl.trainer import EVAL_SEED, Trainer, check_inputs, lora_config
+
+    root = Path(out) / (name or f"compare-{budget}")
+    cfgs = [TrainConfig.from_budget(budget, mode=m, seed=s, model=model, task=task, out=str(root),
+                                    name=f"{m}-s{s}", **overrides) for s in seeds for m in modes]
+    if root.exists() and any(root.iterdir()) and not (overwrite or resume):
+        raise ValueError(f"out/name: {root} already exists; pass --overwrite to replace it or --resume to continue")
+    task_name = task or DEFAULT_TASK
+    c0 = cfgs[0]
+    data = {s: make_dataset(task_name, c0.train_size, s) for s in seeds}
+    eval_data = make_dataset(task_name, c0.eval_n, EVAL_SEED) if c0.eval_every else None
+    torch.manual_seed(c0.seed)
+    first = load_policy(model, lora=lora_config(c0), quantization=c0.quantization)
+    for c in cfgs:  # every bad input before any training
+        check_inputs(c, first, data[c.seed], eval_data)
+    if overwrite and root.exists():
+        import shutil
+
+        shutil.rmtree(root)
+    total = sum(c.steps for c in cfgs)
+    bar = tqdm(total=total, desc="compare", disable=not progress, unit="step")
+    t0 = time.perf_counter()
+    dirs = []
+    for i, c in enumerate(cfgs):
+        bar.set_postfix_str(f"{c.loss.mode} seed {c.seed}")
+        policy = first if i == 0 else None  # later runs reload the same start (same seed -> same LoRA init)
+        run_resume = resume and (root / c.run_name / "checkpoint").exists()
+        tr = Trainer(c, policy=policy, train_data=data[c.seed], eval_data=eval_data, resume=run_resume,
+                     overwrite=overwrite or (resume and not run_resume))
+        bar.update(tr.step_num)
+
+        def on_step(row: dict) -> None:
+            bar.update(1)
+            bar.set_postfix_str(f"{row['mode']} s{row['seed']} reward {row['reward_mean']:.2f}")
+
+        tr.run(on_step)
+        dirs.append(tr.run_dir)
+        del tr
+    bar.close()
+    report = write_report(dirs, root / "report.html",
+                          title=f"calibrl: {' vs '.join(modes)} ({budget}, seeds {','.join(map(str, seeds))})")
+    print(f"trained {len(cfgs)} runs in {time.perf_counter() - t0:.1f} s; report: {report}")
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `python -m calibrl compare`."""
+    from calibrl.config import MODES
+
+    modes = _parse_list(args.modes, "modes")
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"modes: unknown mode {m!r}; expected some of {', '.join(MODES)}")
+    seeds = _parse_list(args.seeds, "seeds", int)
+    overrides = {}
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.threads is not None:
+        overrides["threads"] = args.threads
+    if args.quantization:
+        overrides["quantization"] = args.quantization
+    compare(budget=args.budget, model=args.model, task=args.task, modes=modes, seeds=seeds, out=args.out,
+            name=args.name, overwrite=args.overwrite, resume=args.resume, **overrides)
+    return 0

@@ -1,0 +1,199 @@
+"""`python -m calibrl eval`: sample answers from a policy on held-out task prompts; format rate and accuracy.
+
+Held-out seeds: the eval command defaults to `--seed 90001` (HELDOUT_SEED). The warm start trains on seeds
+10000 + task index (calibrl.warmstart.TRAIN_SEED_BASE) and selects its checkpoint on seed 20000
+(calibrl.warmstart.SELECT_SEED); none of these overlap. `make_dataset(task, n, seed)` is deterministic, so the same
+(task, n, seed) always gives the same prompts.
+
+Python API: `evaluate(policy, dataset, *, temperature, n_samples, ...) -> dict` (used by the trainer and notebooks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+HELDOUT_SEED = 90001
+MAX_ASPECT = 200  # the Qwen image processor rejects aspect ratios above this
+
+
+def check_image(image: Any, index: int = 0) -> Any:
+    """An RGB PIL image ready for the processor: any PIL mode is converted (RGBA/LA/P composited on white, 16-bit and
+    float rescaled), sizes of 0 or an aspect ratio above 200 are rejected with a ValueError naming `index`."""
+    from PIL import Image
+
+    if isinstance(image, dict) and ("bytes" in image or "path" in image):  # an undecoded datasets Image value
+        import io
+        image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"image[{index}]: expected a PIL image, got {type(image).__name__}")
+    w, h = image.size
+    if w < 1 or h < 1:
+        raise ValueError(f"image[{index}]: expected a non-empty image, got size {w}x{h}")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise ValueError(f"image[{index}]: aspect ratio {w}x{h} exceeds {MAX_ASPECT}:1, which the processor rejects")
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        import numpy as np
+        a = np.asarray(image, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise ValueError(f"image[{index}]: cannot convert mode {image.mode!r} to RGB: {e}") from e
+
+
+def _decode(policy: Any, ids: Sequence[int], eos_ids: set[int]) -> tuple[str, int]:
+    out = []
+    for i in ids:
+        if i in eos_ids:
+            break
+        out.append(int(i))
+    return policy.tokenizer.decode(out, skip_special_tokens=False), len(out)
+
+
+def generate_completions(policy: Any, images: Sequence[Any], questions: Sequence[str], *, temperature: float,
+                         max_new_tokens: int) -> list[str]:
+    """One sampled (or greedy, temperature 0) completion per (image, question), batched, left-padded."""
+    import torch
+
+    from calibrl.data import build_messages
+    from calibrl.models import generation_kwargs
+
+    if len(images) != len(questions) or not questions:
+        raise ValueError(f"images/questions: expected equal non-zero lengths, got {len(images)} and {len(questions)}")
+    proc, tok = policy.processor, policy.tokenizer
+    texts = [proc.apply_chat_template(build_messages(q), add_generation_prompt=True, tokenize=False) for q in questions]
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = proc(text=texts, images=[[check_image(im, i)] for i, im in enumerate(images)], padding=True,
+                   return_tensors="pt")
+    finally:
+        tok.padding_side = side
+    enc = {k: v.to(policy.device) for k, v in enc.items()}
+    kw = generation_kwargs(policy, temperature=temperature, max_new_tokens=max_new_tokens)
+    with torch.no_grad():
+        seq = policy.model.generate(**enc, **kw)
+    comp = seq[:, enc["input_ids"].shape[1]:].tolist()
+    eos = kw["eos_token_id"]
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    return [_decode(policy, c, eos_ids)[0] for c in comp]
+
+
+def evaluate(policy: Any, dataset: Any, *, temperature: float = 1.0, n_samples: int = 1, batch_size: int = 32,
+             max_new_tokens: int = 64, seed: int = 0, return_rows: bool = False) -> dict[str, Any]:
+    """Sample `n_samples` answers per prompt of `dataset` (columns image, question, answer) and score them.
+
+    Returns floats accuracy (mean over all samples), format_rate, reward_mean, pass_at_k (share of prompts with at
+    least one correct sample), mean_chars, and ints n_prompts, n_samples; with `return_rows`, also `rows`: one dict
+    per sample in the `eval --out` schema (question, answer, completion, pred, correct, prompt_id).
+    temperature 0 is greedy (then n_samples must be 1). `seed` seeds torch's RNG before sampling.
+    """
+    import torch
+
+    from calibrl.rewards import extract_answer, score
+
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+    if not (isinstance(n_samples, int) and n_samples >= 1):
+        raise ValueError(f"n_samples: expected an int >= 1, got {n_samples!r}")
+    if temperature == 0 and n_samples != 1:
+        raise ValueError(f"n_samples: greedy decoding (temperature 0) gives identical samples; expected 1, got {n_samples}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    missing = [c for c in ("image", "question", "answer") if c not in getattr(dataset, "column_names", [])]
+    if missing:
+        raise ValueError(f"dataset: missing column(s) {missing}; expected image, question, answer")
+    if len(dataset) == 0:
+        raise ValueError("dataset: expected at least one prompt, got 0")
+    torch.manual_seed(seed)
+    jobs = [(i, s) for i in range(len(dataset)) for s in range(n_samples)]
+    rows: list[dict[str, Any]] = []
+    fmts, rewards = [], []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        exs = [dataset[i] for i, _ in chunk]
+        comps = generate_completions(policy, [e["image"] for e in exs], [e["question"] for e in exs],
+                                     temperature=temperature, max_new_tokens=max_new_tokens)
+        for (pid, _), ex, c in zip(chunk, exs, comps):
+            sc = score(c, ex["answer"])
+            fmts.append(float(sc["fmt"]))
+            rewards.append(float(sc["reward"]))
+            rows.append({"question": ex["question"], "answer": str(ex["answer"]), "completion": c,
+                         "pred": extract_answer(c), "correct": bool(sc["passed"]), "prompt_id": pid})
+    correct = [r["correct"] for r in rows]
+    by_prompt: dict[int, bool] = {}
+    for r in rows:
+        by_prompt[r["prompt_id"]] = by_prompt.get(r["prompt_id"], False) or r["correct"]
+    out: dict[str, Any] = {
+        "n_prompts": len(dataset), "n_samples": n_samples, "temperature": float(temperature),
+        "accuracy": sum(correct) / len(correct), "format_rate": sum(fmts) / len(fmts),
+        "reward_mean": sum(rewards) / len(rewards), "pass_at_k": sum(by_prompt.values()) / len(by_prompt),
+        "mean_chars": sum(len(r["completion"]) for r in rows) / len(rows)}
+    if return_rows:
+        out["rows"] = rows
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `python -m calibrl eval`."""
+    parser.add_argument("--model", default="tiny", help='"tiny", a local checkpoint path, or a hub id')
+    parser.add_argument("--task", default=None, help="task name (default: calibrl.tasks.DEFAULT_TASK)")
+    parser.add_argument("--n", type=int, default=200, help="number of held-out prompts (default 200)")
+    parser.add_argument("--seed", type=int, default=HELDOUT_SEED, help=f"dataset seed (default {HELDOUT_SEED}, held out)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="samples per prompt (1 when greedy)")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per generate call")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--quantization", choices=["4bit"], default=None, help="load the model in 4-bit (GPU)")
+    parser.add_argument("--out", type=Path, default=None, help="write one JSON line per sample to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the eval command; prints a summary line; returns 0, or 2 on bad input."""
+    import time
+
+    import torch
+
+    try:
+        from calibrl.tasks import DEFAULT_TASK, TASKS, make_dataset
+        from calibrl.models import load_policy
+
+        task = args.task or DEFAULT_TASK
+        if task not in TASKS:
+            raise ValueError(f"--task: unknown task {task!r}; known: {', '.join(sorted(TASKS))}")
+        if args.n < 1:
+            raise ValueError(f"--n: expected >= 1, got {args.n}")
+        k = args.samples_per_prompt if args.temperature > 0 else 1
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        policy = load_policy(args.model, quantization=args.quantization)
+        data = make_dataset(task, args.n, args.seed, style="expert")
+        res = evaluate(policy, data, temperature=args.temperature, n_samples=k, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, seed=args.seed, return_rows=args.out is not None)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    kind = "greedy" if args.temperature == 0 else f"T={args.temperature:g}, {k} samples/prompt"
+    print(f"model={args.model} task={task} n={args.n} seed={args.seed} ({kind}): accuracy={res['accuracy']:.3f} "
+          f"format_rate={res['format_rate']:.3f} pass@{k}={res['pass_at_k']:.3f} reward={res['reward_mean']:.3f} "
+          f"[{time.perf_counter() - t0:.1f} s]")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:
+            for r in res.pop("rows"):
+                f.write(json.dumps(r) + "\n")
+        print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,144 @@
+"""Shared-prompt fast path for Qwen2/2.5-VL: run the image and the prompt once per prompt, not once per sample.
+
+The G samples of a prompt share the same image and prompt tokens. Both the sampler and the teacher-forced training
+forward here run the prompt (with the vision tower) on the P unique prompts, keep its KV cache (with autograd when
+called with gradients, so LoRA gradients still flow through the prompt), index the cache out to the N = P*G rows,
+and run only the completion tokens per row with explicit 3D rope positions (text after the image: all three
+components equal, continuing from the prompt's largest position). The result equals the plain forward
+(`calibrl.rollout.sequence_logprobs`) to float rounding; tests/test_rollout.py checks it against the sampler and
+against the plain path, and the trainer logs the gap every step. Models without `get_rope_index` (other families)
+use the plain path (`supported()` is False).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+Inputs = dict[str, torch.Tensor]
+
+
+def _vl_model(model: Any) -> Any:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "model", None)
+
+
+def supported(model: Any, inputs: Inputs) -> bool:
+    """True for Qwen2/2.5-VL-style models with the processor's mm_token_type_ids and no gradient checkpointing."""
+    vl = _vl_model(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    ckpt = getattr(base, "is_activation_checkpointing", None)
+    if ckpt is None:
+        ckpt = getattr(base, "is_gradient_checkpointing", False)
+    if ckpt:  # checkpointing drops the KV cache the fast path needs
+        return False
+    return vl is not None and hasattr(vl, "get_rope_index") and "mm_token_type_ids" in inputs \
+        and "image_grid_thw" in inputs
+
+
+def next_positions(model: Any, inputs: Inputs) -> torch.Tensor:
+    """[P] rope position of the first completion token of each prompt (largest prompt position + 1)."""
+    vl = _vl_model(model)
+    pos, _ = vl.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                               image_grid_thw=inputs.get("image_grid_thw"), attention_mask=inputs["attention_mask"])
+    valid = inputs["attention_mask"].bool()[None].expand_as(pos)
+    return torch.where(valid, pos, torch.zeros_like(pos)).amax(dim=(0, 2)) + 1
+
+
+def prompt_pass(model: Any, inputs: Inputs) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """Forward of the P prompts: (last-position logits [P,V], KV cache, next positions [P])."""
+    pos = next_positions(model, inputs)
+    out = model(**inputs, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], out.past_key_values, pos
+
+
+def _positions(start: torch.Tensor, t: int) -> torch.Tensor:
+    p = start[:, None] + torch.arange(t, device=start.device)[None, :]
+    return p[None].expand(3, -1, -1)
+
+
+def shared_logits(model: Any, inputs: Inputs, row_prompt: torch.Tensor, completion_ids: torch.Tensor,
+                  completion_mask: torch.Tensor, fill_token_id: int) -> torch.Tensor:
+    """Logits [N,T,V] predicting each completion token of row r (prompt `row_prompt[r]` of `inputs`)."""
+    m = completion_mask.bool()
+    comp = torch.where(m, completion_ids, torch.full_like(completion_ids, fill_token_id))
+    uniq, idx = torch.unique(row_prompt.cpu(), return_inverse=True)
+    sub = _select_prompts(inputs, uniq)
+    last, cache, pos = prompt_pass(model, sub)
+    first = last[idx][:, None]  # predicts completion token 0
+    t = comp.shape[1]
+    if t == 1:
+        return first
+    cache.reorder_cache(idx)
+    attn = torch.cat([sub["attention_mask"][idx], m[:, :-1].to(sub["attention_mask"].dtype)], 1)
+    out = model(input_ids=comp[:, :-1], attention_mask=attn, past_key_values=cache,
+                position_ids=_positions(pos[idx], t - 1), use_cache=True)
+    return torch.cat([first, out.logits], 1)
+
+
+def _select_prompts(inputs: Inputs, uniq: torch.Tensor) -> Inputs:
+    from calibrl.rollout import select_rows
+
+    n = inputs["input_ids"].shape[0]
+    if uniq.numel() == n and torch.equal(uniq, torch.arange(n)):
+        return inputs
+    return select_rows(inputs, uniq)
+
+
+def _filter_top_p(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1.0:
+        return logp
+    sorted_lp, order = logp.sort(-1, descending=True)
+    cum = sorted_lp.exp().cumsum(-1)
+    drop = (cum - sorted_lp.exp()) > top_p  # keep the smallest prefix whose mass reaches top_p
+    sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
+    return torch.full_like(logp, float("-inf")).scatter(-1, order, sorted_lp)
+
+
+@torch.inference_mode()
+def _sample_shared(model: Any, inputs: Inputs, group_size: int, *, max_new_tokens: int, eos_token_id: int,
+                  pad_token_id: int, suppress_token_ids: Sequence[int], temperature: float = 1.0,
+                  top_p: float = 1.0, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor]:
+    last, cache, pos = prompt_pass(model, inputs)
+    n = last.shape[0] * group_size
+    if group_size > 1:
+        cache.batch_repeat_interleave(group_size)
+    logits = last.repeat_interleave(group_size, 0)
+    pos = pos.repeat_interleave(group_size, 0)
+    attn = inputs["attention_mask"].repeat_interleave(group_size, 0)
+    dev = last.device
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    toks, lps, ents, alive = [], [], [], []
+    for k in range(max_new_tokens):
+        lp_all = logits.float()
+        if len(suppress_token_ids):
+            lp_all = lp_all.index_fill(-1, torch.as_tensor(list(suppress_token_ids), device=dev), float("-inf"))
+        lp_all = torch.log_softmax(lp_all / (1.0 if greedy else temperature), -1)
+        if greedy:
+            tok = lp_all.argmax(-1)
+        else:
+            tok = torch.multinomial(_filter_top_p(lp_all, top_p).exp(), 1).squeeze(1)
+        tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
+        lp = lp_all.gather(-1, tok[:, None]).squeeze(1)
+        ent = -(lp_all.exp() * torch.where(torch.isfinite(lp_all), lp_all, torch.zeros_like(lp_all))).sum(-1)
+        toks.append(tok)
+        lps.append(torch.where(done, torch.zeros_like(lp), lp))
+        ents.append(torch.where(done, torch.zeros_like(ent), ent))
+        alive.append(~done)
+        done = done | (tok == eos_token_id)
+        if bool(done.all()) or k == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones(n, 1, dtype=attn.dtype, device=dev)], 1)
+        out = model(input_ids=tok[:, None], attention_mask=attn, past_key_values=cache,
+                    position_ids=_positions(pos + k, 1), use_cache=True)
+        logits = out.logits[:, -1]
+    return torch.stack(toks, 1), torch.stack(alive, 1), torch.stack(lps, 1), torch.stack(ents, 1)
+
+
+def sample_shared(model: Any, inputs: Inputs, group_size: int, **kw: Any):
+    """Sample `group_size` responses per prompt with one prompt pass per prompt. Returns (completion_ids [N,T],
+    mask [N,T] up to and including EOS, sampler log-probs [N,T], entropy [N,T]) with N = P*group_size, rows grouped
+    by prompt; log-probs/entropy are of softmax(masked logits / temperature), 0 at pads. Keywords: max_new_tokens,
+    eos_token_id, pad_token_id, suppress_token_ids, temperature=1.0, top_p=1.0, greedy=False."""
+    return tuple(x.clone() for x in _sample_shared(model, inputs, group_size, **kw))  # normal (non-inference) tensors

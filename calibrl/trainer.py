@@ -1,0 +1,308 @@
+"""The RL loop: rollout -> advantages -> PPO epochs x mini-batches (gradient accumulation) -> probes -> History row.
+
+`train(cfg)` runs a whole run in runs/<name>/ (config.json, history.jsonl, samples.jsonl, checkpoint/, adapter/);
+`Trainer` exposes the pieces (`step()`, `evaluate()`, `save_checkpoint()`) for notebooks. Every mode takes the same
+number of optimizer steps per RL step (ppo_epochs * minibatches): mini-batches are whole prompts, and an expert row
+travels with its prompt instead of adding a mini-batch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from calibrl.config import TrainConfig
+from calibrl.history import History, load_checkpoint, save_checkpoint
+from calibrl.rollout import RolloutBatch, collect_rollout, encode_prompts, rows_logprobs, sample_groups
+from calibrl import stepstats
+
+LORA_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+"""LoRA target modules: the language model's projections (not the vision tower)."""
+EVAL_SEED = 1_000_003
+"""Seed of the held-out prompts: the same for every seed and mode of a comparison."""
+
+
+def lora_config(cfg: TrainConfig):
+    """LoRA on the language model's attention and MLP projections only (dropout 0, so the training forward equals
+    the sampler's)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
+                      target_modules=LORA_TARGETS)
+
+
+def check_inputs(cfg: TrainConfig, policy: Any, train_data: Any, eval_data: Any | None) -> None:
+    """Every bad input that can be caught before training: raises ValueError naming it."""
+    cfg.validate()
+    if getattr(policy, "processor", None) is None or not hasattr(policy.processor, "image_processor"):
+        raise ValueError(f"policy.processor: expected a multimodal processor (with an image_processor) for model "
+                         f"{cfg.model!r}, got {type(getattr(policy, 'processor', None)).__name__}")
+    for name, data in (("train_data", train_data), ("eval_data", eval_data)):
+        if data is None and name == "eval_data":
+            continue
+        cols = set(getattr(data, "column_names", None) or [])
+        if len(data) == 0:
+            raise ValueError(f"{name}: expected a non-empty dataset, got 0 rows")
+        for col in ("image", "question", "answer"):
+            if col not in cols:
+                raise ValueError(f"{name}: expected a column {col!r}, got columns {sorted(cols)}")
+    if cfg.loss.needs_expert and "solution" not in set(train_data.column_names):
+        raise ValueError(f"train_data: mode {cfg.loss.mode!r} needs the expert column 'solution', got columns "
+                         f"{sorted(train_data.column_names)}")
+    if (cfg.loss.kl_coef or cfg.loss.entropy_coef) and cfg.loss.mode not in ("grpo", "dr_grpo", "dapo"):
+        raise ValueError(f"kl_coef/entropy_coef: supported only with grpo, dr_grpo, dapo, got mode {cfg.loss.mode!r}")
+    if cfg.loss.kl_coef and not getattr(policy, "is_lora", False):
+        raise ValueError("kl_coef: needs a LoRA policy (the start policy is the model with its adapter disabled)")
+
+
+class Trainer:
+    """One run. Build with a config (and optionally a ready policy/datasets), then `run()` or `step()` by hand."""
+
+    def __init__(self, cfg: TrainConfig, *, policy: Any = None, train_data: Any = None, eval_data: Any = None,
+                 resume: bool = False, overwrite: bool = False, run_dir: str | Path | None = None):
+        from calibrl.tasks import DEFAULT_TASK, make_dataset
+
+        cfg.validate()
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        task = cfg.task or DEFAULT_TASK
+        if train_data is None:
+            train_data = make_dataset(task, cfg.train_size, cfg.seed)
+        if eval_data is None and cfg.eval_every:
+            eval_data = make_dataset(task, cfg.eval_n, EVAL_SEED)
+        torch.manual_seed(cfg.seed)  # same LoRA init for every mode of a seed
+        if policy is None:
+            from calibrl.models import load_policy
+
+            policy = load_policy(cfg.model, lora=lora_config(cfg), quantization=cfg.quantization)
+        check_inputs(cfg, policy, train_data, eval_data)
+        self.policy, self.train_data, self.eval_data = policy, train_data, eval_data
+        self.has_expert = "solution" in set(train_data.column_names)
+        self.params = [p for p in policy.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("policy.model: expected trainable parameters (LoRA or full), got none")
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.run_dir = Path(run_dir) if run_dir else Path(cfg.out) / cfg.run_name
+        self.history = History.create(self.run_dir, cfg.to_dict(), resume=resume, overwrite=overwrite)
+        self.step_num = 0
+        if resume:
+            self._resume()
+        else:
+            torch.manual_seed(cfg.seed)
+
+    # ------------------------------------------------------------------------------------------------ data
+    def prompt_indices(self, step: int) -> list[int]:
+        """Dataset indices of the prompts of RL step `step` (1-based): a seeded permutation per pass over the data,
+        so the order depends only on (seed, step) and resumes exactly."""
+        import numpy as np
+
+        n, p = len(self.train_data), self.cfg.prompts_per_step
+        out = []
+        for k in range((step - 1) * p, step * p):
+            epoch, pos = divmod(k, n)
+            out.append(int(np.random.default_rng([self.cfg.seed, epoch]).permutation(n)[pos]))
+        return out
+
+    # ---------------------------------------------------------------------------------------------- update
+    def _loss(self, lp: torch.Tensor, b: RolloutBatch, rows: torch.Tensor, ent: torch.Tensor | None,
+              e_lp: torch.Tensor | None, e_rows: torch.Tensor | None) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+        """Loss of one micro-batch by mode: (loss, info, policy term tensor for the gradient split or None)."""
+        from calibrl import losses
+
+        lc, cfg = self.cfg.loss, self.cfg
+        t = lp.shape[1]
+        old, adv, mask = b.old_logp[rows, :t], b.adv[rows].to(lp.device), b.mask[rows, :t]
+        clip = dict(clip_low=lc.clip_low, clip_high=lc.clip_high, clip_c=lc.clip_c, agg=lc.agg,
+                    norm_len=cfg.max_new_tokens)
+        if lc.mode in ("grpo", "dr_grpo", "dapo") or (e_rows is not None and len(e_rows) == 0):
+            # (a LUFFY/RL-PLUS micro-batch without an expert row: its on-policy rows get the plain surrogate)
+            ref = b.ref_logp[rows, :t] if lc.kl_coef else None
+            loss, info = losses.policy_loss(lp, old, adv, mask, ref_logp=ref, kl_coef=lc.kl_coef, entropy=ent,
+                                            entropy_coef=lc.entropy_coef, **clip)
+            return loss, info, None
+        if lc.mode == "calibrl":
+            # the whole expert row of each on-policy row's prompt (old log-probs, detached) with its mask: the token
+            # gap aligns it by index with e_t = 0 past the expert's end; the sequence gaps sum it
+            er = b.row_prompt[rows]
+            passed = b.passed[rows].to(lp.device)
+            loss, info = losses.calibrl_loss(lp, old, b.expert_old_logp[er], adv, mask, passed, slope=lc.slope,
+                                             guide_coef=lc.guide_coef, weight=lc.weight, gap=lc.gap,
+                                             expert_mask=b.expert_mask[er], **clip)
+            pg, _ = losses.policy_loss(lp, old, adv, mask, **clip)
+            return loss, info, pg
+        te = e_lp.shape[1]
+        e_mask, e_adv = b.expert_mask[e_rows, :te], b.expert_adv[e_rows].to(lp.device)
+        if lc.mode == "luffy":
+            loss, info = losses.luffy_loss(lp, old, adv, mask, e_lp, e_adv, e_mask, gamma=lc.luffy_gamma, **clip)
+        else:
+            loss, info = losses.rlplus_loss(lp, old, adv, mask, e_lp, b.expert_old_logp[e_rows, :te], e_adv, e_mask,
+                                            **clip)
+        return loss, info, None
+
+    def _forward(self, b: RolloutBatch, rows: torch.Tensor, e_rows: torch.Tensor | None):
+        """Log-probs with grad for on-policy rows (and expert rows for LUFFY/RL-PLUS) in one forward."""
+        pol, cfg = self.policy, self.cfg
+        comp, mask, prompts = b.completion_ids[rows], b.mask[rows], b.row_prompt[rows]
+        kw = dict(temperature=cfg.temperature, return_entropy=bool(cfg.loss.entropy_coef))
+        if e_rows is None or len(e_rows) == 0:
+            lp, ent = rows_logprobs(pol, b.prompt_inputs, prompts, comp, mask, **kw)
+            return lp, ent, (None if e_rows is None else lp[:0])
+        t, te = comp.shape[1], b.expert_ids.shape[1]
+        width = max(t, te)
+        pad = lambda x, v: torch.cat([x, x.new_full((x.shape[0], width - x.shape[1]), v)], 1)
+        all_comp = torch.cat([pad(comp, pol.pad_token_id), pad(b.expert_ids[e_rows], pol.pad_token_id)])
+        all_mask = torch.cat([pad(mask, False), pad(b.expert_mask[e_rows], False)])
+        lp, ent = rows_logprobs(pol, b.prompt_inputs, torch.cat([prompts, e_rows]), all_comp, all_mask, **kw)
+        n = len(rows)
+        return lp[:n, :t], (ent[:n, :t] if ent is not None else None), lp[n:, :te]
+
+    def update(self, b: RolloutBatch) -> dict:
+        """PPO epochs x mini-batches x micro-batches on one rollout. Returns the update's metrics."""
+        cfg = self.cfg
+        p, g = len(b.prompt_ids), cfg.group_size
+        expert_rows = cfg.loss.mode in ("luffy", "rlplus")
+        infos, norms, gaps, split = [], [], [], None
+        opt_steps = skipped = 0
+        self.policy.model.train(True)
+        for epoch in range(cfg.ppo_epochs):
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step_num * 101 + epoch)
+            order = torch.randperm(p, generator=gen)
+            for mb_prompts in order.chunk(cfg.minibatches):
+                self.optimizer.zero_grad(set_to_none=True)
+                rows = torch.cat([torch.arange(i * g, (i + 1) * g) for i in mb_prompts.tolist()])
+                ok = True
+                for k, (mrows, erows) in enumerate(zip(rows.tensor_split(cfg.grad_accum),
+                                                       mb_prompts.tensor_split(cfg.grad_accum))):
+                    lp, ent, e_lp = self._forward(b, mrows, erows if expert_rows else None)
+                    loss, info, pg = self._loss(lp, b, mrows, ent, e_lp, erows if expert_rows else None)
+                    if not torch.isfinite(loss):
+                        ok = False
+                        break
+                    if epoch == 0 and opt_steps == 0 and skipped == 0:  # policy not yet updated: must equal sampler
+                        m = b.mask[mrows, : lp.shape[1]]
+                        gaps.append((lp.detach() - b.sampler_logp[mrows, : lp.shape[1]])[m].abs().max().item())
+                    scaled = loss / cfg.grad_accum
+                    if pg is not None and split is None and k == 0 and self._every(cfg.grad_split_every):
+                        split = stepstats.grad_split(scaled, pg / cfg.grad_accum, self.params)
+                    else:
+                        scaled.backward()
+                    infos.append(info)
+                grads_ok = ok and all(p.grad is None or torch.isfinite(p.grad).all() for p in self.params)
+                if not grads_ok:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    continue
+                norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)))
+                self.optimizer.step()
+                opt_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if getattr(self.policy, "quantization", None) is None:  # 4-bit on CPU stays in train mode (calibrl.models)
+            self.policy.model.train(False)
+        out = stepstats.mean_infos(infos)
+        out.update(split or {})
+        out.update(grad_norm=sum(norms) / len(norms) if norms else None, skipped=int(skipped > 0),
+                   opt_steps=opt_steps, logp_gap_max=max(gaps) if gaps else None, lr=cfg.lr)
+        return out
+
+    def _every(self, n: int) -> bool:
+        return bool(n) and self.step_num % n == 0
+
+    # ------------------------------------------------------------------------------------------------ step
+    def step(self) -> dict:
+        """One RL step; appends and returns its History row."""
+        cfg = self.cfg
+        self.step_num += 1
+        t0 = time.perf_counter()
+        idx = self.prompt_indices(self.step_num)
+        examples = [self.train_data[i] for i in idx]
+        if not self.has_expert:
+            examples = [dict(e, solution=None) for e in examples]
+        want_ref = bool(cfg.loss.kl_coef) or (self._every(cfg.kl_every) and getattr(self.policy, "is_lora", False))
+        b = collect_rollout(self.policy, examples, cfg, prompt_ids=idx, ref_logp=want_ref)
+        row: dict[str, Any] = {"step": self.step_num, "mode": cfg.loss.mode, "seed": cfg.seed}
+        row.update(stepstats.rollout_probes(b, cfg))
+        row.update(self.update(b))
+        if self._every(cfg.eval_every) or (cfg.eval_every and self.step_num == cfg.steps):
+            row.update(self.evaluate())
+        row["time_s"] = time.perf_counter() - t0
+        row = self.history.append(row)
+        self.history.append_samples(stepstats.sample_rows(b, self.policy.tokenizer, self.step_num,
+                                                          cfg.samples_per_step))
+        if cfg.save_every and self.step_num % cfg.save_every == 0:
+            self.save_checkpoint()
+        return row
+
+    def run(self, on_step: Callable[[dict], None] | None = None) -> History:
+        """Steps until cfg.steps, calling `on_step(row)` after each; saves a final checkpoint and the adapter."""
+        while self.step_num < self.cfg.steps:
+            row = self.step()
+            if on_step is not None:
+                on_step(row)
+        self.save_checkpoint()
+        if getattr(self.policy, "is_lora", False):
+            self.policy.model.save_pretrained(str(self.run_dir / "adapter"))
+        return self.history
+
+    # ------------------------------------------------------------------------------------------------ eval
+    def evaluate(self, chunk: int = 32) -> dict:
+        """Greedy accuracy and format rate, and pass@k at `temperature`, on the held-out prompts; also writes the
+        greedy answers to runs/<name>/eval.jsonl (the `eval --out` schema plus "step")."""
+        from calibrl.rewards import extract_answer, score
+
+        cfg, pol, data = self.cfg, self.policy, self.eval_data
+        greedy, fmt, hits, rows = [], [], [], []
+        for s in range(0, len(data), chunk):
+            ex = [data[i] for i in range(s, min(s + chunk, len(data)))]
+            inputs = encode_prompts(pol, [e["image"] for e in ex], [e["question"] for e in ex])
+            comp, mask, _, _ = sample_groups(pol, inputs, 1, max_new_tokens=cfg.max_new_tokens, greedy=True,
+                                             sampler_logprobs=False)
+            texts = pol.tokenizer.batch_decode(torch.where(mask, comp, pol.pad_token_id).cpu(), skip_special_tokens=True)
+            for j, (e, txt) in enumerate(zip(ex, texts)):
+                sc = score(txt, e["answer"])
+                greedy.append(sc["acc"])
+                fmt.append(sc["fmt"])
+                rows.append(dict(step=self.step_num, question=e["question"], answer=e["answer"], completion=txt,
+                                 pred=extract_answer(txt), correct=bool(sc["passed"]), prompt_id=s + j))
+            rep = torch.arange(len(ex)).repeat_interleave(cfg.pass_k)
+            comp, mask, _, _ = sample_groups(pol, inputs, cfg.pass_k, max_new_tokens=cfg.max_new_tokens,
+                                             temperature=cfg.temperature, top_p=cfg.top_p, sampler_logprobs=False)
+            texts = pol.tokenizer.batch_decode(torch.where(mask, comp, pol.pad_token_id).cpu(), skip_special_tokens=True)
+            ok = torch.tensor([score(t, ex[int(i)]["answer"])["passed"] for t, i in zip(texts, rep)])
+            hits += ok.view(len(ex), cfg.pass_k).any(1).float().tolist()
+        stepstats.write_jsonl(self.run_dir / "eval.jsonl", rows)
+        mean = lambda xs: sum(xs) / len(xs)
+        return {"eval_greedy_acc": mean(greedy), "eval_pass_at_k": mean(hits), "eval_format_rate": mean(fmt)}
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Trainable weights, optimizer, RNG states (torch, python, numpy) and step -> runs/<name>/checkpoint/."""
+        return save_checkpoint(self.run_dir, self.step_num, self.policy.model, self.optimizer)
+
+    def _resume(self) -> None:
+        saved = dict(self.history.config)
+        mine = self.cfg.to_dict()
+        for k in ("steps", "save_every", "out", "threads"):
+            saved.pop(k, None)
+            mine.pop(k, None)
+        if saved != mine:
+            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            raise ValueError(f"resume: config differs from the saved run in {diff}")
+        self.step_num = load_checkpoint(self.run_dir, self.policy.model, self.optimizer)
+        self.history.truncate(self.step_num)
+
+
+def train(cfg: TrainConfig, *, policy: Any = None, train_data: Any = None, eval_data: Any = None,
+          resume: bool = False, overwrite: bool = False, on_step: Callable[[dict], None] | None = None,
+          run_dir: str | Path | None = None) -> History:
+    """Train one run described by `cfg` into runs/<name>/ and return its History.
+
+    `resume=True` continues a run from its last checkpoint (bit-identical on CPU); `overwrite=True` replaces an
+    existing run directory (otherwise an existing one is refused). `on_step(row)` is called after every step
+    (e.g. a live plot)."""
+    tr = Trainer(cfg, policy=policy, train_data=train_data, eval_data=eval_data, resume=resume,
+                 overwrite=overwrite, run_dir=run_dir)
+    return tr.run(on_step)

@@ -1,0 +1,254 @@
+"""Hand-computed values and gradient directions for aggregate, policy_loss, calibrl_loss, luffy_loss, rlplus_loss."""
+import math
+
+import pytest
+import torch
+
+from calibrl import losses
+from calibrl.losses import aggregate, calibrl_loss, luffy_loss, policy_loss, rlplus_loss
+
+L = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+M = torch.tensor([[1, 1, 0], [1, 0, 0]])
+
+
+@pytest.mark.parametrize("mode, norm_len, want", [
+    ("token-mean", None, 7 / 3),
+    ("seq-mean-token-mean", None, (1.5 + 4.0) / 2),
+    ("seq-mean-token-sum", None, (3.0 + 4.0) / 2),
+    ("seq-mean-token-sum-norm", None, 7 / 3),
+    ("seq-mean-token-sum-norm", 7, 1.0),
+])
+def test_aggregate_hand_values(mode, norm_len, want):
+    assert float(aggregate(L, M, mode, norm_len=norm_len)) == pytest.approx(want)
+
+
+def test_aggregate_ignores_inf_and_nan_at_masked_positions():
+    bad = L.clone()
+    bad[0, 2], bad[1, 1] = float("-inf"), float("nan")
+    for mode in losses.AGG_MODES:
+        assert float(aggregate(bad, M, mode)) == float(aggregate(L, M, mode))
+
+
+def test_aggregate_leaves_empty_rows_out_of_row_means():
+    mat = torch.cat([L, torch.full((1, 3), 9.0)])
+    mask = torch.cat([M, torch.zeros(1, 3, dtype=torch.long)])
+    assert float(aggregate(mat, mask, "seq-mean-token-mean")) == pytest.approx(2.75)
+
+
+def _rows(log_ratios, advs):
+    old = torch.full((len(advs), 1), -1.0)
+    logp = (old + torch.tensor(log_ratios)[:, None]).requires_grad_()
+    return logp, old, torch.tensor(advs), torch.ones(len(advs), 1, dtype=torch.bool)
+
+
+# rows: A=1 r=1.5 -> -1.2 (clipped); A=1 r=0.9 -> -0.9; A=-1 r=1.5 -> 1.5; A=-1 r=4 -> 3 (dual clip);
+#       A=-1 r=0.5 -> 0.8 (clipped)
+CASE = ([math.log(1.5), math.log(0.9), math.log(1.5), math.log(4.0), math.log(0.5)], [1.0, 1.0, -1.0, -1.0, -1.0])
+
+
+def test_policy_loss_hand_values():
+    logp, old, adv, mask = _rows(*CASE)
+    loss, info = policy_loss(logp, old, adv, mask)
+    assert float(loss.detach()) == pytest.approx((-1.2 - 0.9 + 1.5 + 3.0 + 0.8) / 5, abs=1e-6)
+    assert info["clipfrac"] == pytest.approx(2 / 5) and info["dualclip_frac"] == pytest.approx(1 / 5)
+    assert info["pg_loss"] == info["loss"] == pytest.approx(float(loss.detach()))
+    assert info["approx_kl"] == pytest.approx(-sum(CASE[0]) / 5, abs=1e-6)
+    loss.backward()
+    # d/dlogp: clipped rows 0 and 4 and dual-clipped row 3 get no gradient; row 1: -A r / 5; row 2: -A r / 5
+    torch.testing.assert_close(logp.grad[:, 0], torch.tensor([0.0, -0.9 / 5, 1.5 / 5, 0.0, 0.0]))
+
+
+def test_policy_loss_without_dual_clip_and_with_clip_higher():
+    logp, old, adv, mask = _rows(*CASE)
+    loss, info = policy_loss(logp, old, adv, mask, clip_c=None)
+    assert float(loss.detach()) == pytest.approx((-1.2 - 0.9 + 1.5 + 4.0 + 0.8) / 5, abs=1e-6)
+    assert info["dualclip_frac"] == 0.0
+    logp, old, adv, mask = _rows([math.log(1.5)], [1.0])
+    assert float(policy_loss(logp, old, adv, mask, clip_high=0.28)[0].detach()) == pytest.approx(-1.28)
+
+
+def test_policy_loss_kl_and_entropy_terms():
+    logp, old, adv, mask = _rows([0.0, 0.0], [1.0, -1.0])
+    ref = logp.detach() + 0.5
+    ent = torch.full((2, 1), 2.0)
+    loss, info = policy_loss(logp, old, adv, mask, ref_logp=ref, kl_coef=0.1, entropy=ent, entropy_coef=0.01)
+    k3 = math.exp(0.5) - 0.5 - 1
+    assert info["kl"] == pytest.approx(k3) and info["entropy"] == pytest.approx(2.0)
+    assert float(loss.detach()) == pytest.approx(0.0 + 0.1 * k3 - 0.01 * 2.0)
+
+
+def test_policy_loss_adv_per_token_and_bf16():
+    logp, old, adv, mask = _rows([0.0, 0.0], [1.0, -1.0])
+    a2 = adv[:, None].expand(2, 1).clone()
+    assert float(policy_loss(logp, old, a2, mask)[0]) == float(policy_loss(logp, old, adv, mask)[0])
+    lb = logp.detach().bfloat16().requires_grad_()
+    loss, _ = policy_loss(lb, old.bfloat16(), adv, mask)
+    loss.backward()
+    assert loss.dtype == torch.float32 and lb.grad.dtype == torch.bfloat16
+
+
+def test_padded_minus_inf_logp_gives_finite_loss_and_grad():
+    logp = torch.tensor([[-0.5, -float("inf")], [-0.2, -0.3]], requires_grad=True)
+    old = torch.tensor([[-0.5, -float("inf")], [-0.2, -0.3]])
+    e = torch.tensor([[-1.0, 0.0], [-1.0, -1.0]])
+    mask = torch.tensor([[1, 0], [1, 1]])
+    for fn in (lambda: policy_loss(logp, old, torch.tensor([1.0, -1.0]), mask),
+               lambda: calibrl_loss(logp, old, e, torch.tensor([1.0, -1.0]), mask, torch.tensor([1, 0]))):
+        logp.grad = None
+        loss, info = fn()
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and logp.grad[0, 1] == 0
+        assert all(v is None or math.isfinite(v) for v in info.values())
+
+
+# CalibRL: r = 1, adv [1, -1], passed [1, 0], e = -1 everywhere
+LP = [[-2.0, -0.5], [-0.5, -2.0]]
+
+
+def _calib(adv=(1.0, -1.0), **kw):
+    logp = torch.tensor(LP, requires_grad=True)
+    old = logp.detach().clone()
+    e = torch.full((2, 2), -1.0)
+    loss, info = calibrl_loss(logp, old, e, torch.tensor(adv), torch.ones(2, 2), torch.tensor([1, 0]), **kw)
+    return logp, loss, info
+
+
+def test_calibrl_token_gap_hand_values():
+    logp, loss, info = _calib()
+    # guide: row0 (passed, s=+1): x = e - logp = [1, -0.5] -> [1, -0.25]; row1 (failed): x = logp - e = [0.5, -1]
+    # -> [0.5, -0.5]; token-mean = 0.75 / 4. pg: -A r = [-1,-1,1,1] -> 0.
+    assert info["guide_loss"] == pytest.approx(0.1875) and info["pg_loss"] == pytest.approx(0.0)
+    assert float(loss.detach()) == pytest.approx(0.1 * 0.1875)
+    assert info["gate_passed_below"] == 0.5 and info["gate_passed_above"] == 0.5
+    assert info["gate_failed_above"] == 0.5 and info["gate_failed_below"] == 0.5
+    assert info["gate_weight_mean"] == pytest.approx(0.75)
+    loss.backward()
+    want = torch.tensor([[-0.25 - 0.025, -0.25 - 0.0125], [0.25 + 0.025, 0.25 + 0.0125]])
+    torch.testing.assert_close(logp.grad, want)
+
+
+def test_calibrl_weight_none_slope_and_coef():
+    _, _, info = _calib(adv=(2.0, -0.5))
+    assert info["guide_loss"] == pytest.approx((2.0 * 0.75 + 0.5 * 0.0) / 4)
+    _, _, info = _calib(adv=(2.0, -0.5), weight="none")
+    assert info["guide_loss"] == pytest.approx(0.75 / 4)
+    _, loss, info = _calib(slope=0.0, guide_coef=2.0)  # ReLU gate
+    assert info["guide_loss"] == pytest.approx(1.5 / 4) and float(loss.detach()) == pytest.approx(2.0 * 1.5 / 4)
+    _, _, info = _calib(slope=1.0)  # linear: x summed = 1 - 0.5 + 0.5 - 1 = 0
+    assert info["guide_loss"] == pytest.approx(0.0) and info["gate_weight_mean"] == 1.0
+
+
+def test_calibrl_sequence_and_mean_token_gaps():
+    # row sums: logp -2.5 both rows, expert -2 -> Delta = -0.5; row0 passed x = 0.5 -> L = 0.5;
+    # row1 failed x = -0.5 -> L = -0.25; token-mean of L_i / n_i spread = (0.5 - 0.25) / 4
+    logp, loss, info = _calib(gap="sequence")
+    assert info["guide_loss"] == pytest.approx(0.0625)
+    assert info["gate_passed_below"] == 1.0 and info["gate_failed_below"] == 1.0
+    loss.backward()
+    # each token: pg -A/4 plus guide 0.1 * (-s |A| w) / 4 with w = 1 (row0), slope (row1)
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.275, -0.275], [0.2625, 0.2625]]))
+    _, _, info = _calib(gap="mean-token")  # means: Delta = -1.25 + 1 = -0.25 -> L = 0.25, -0.125
+    assert info["guide_loss"] == pytest.approx((0.25 - 0.125) / 4)
+
+
+def test_calibrl_sequence_gap_uses_expert_mask_and_wider_expert():
+    logp = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    e = torch.tensor([[-1.0, -1.0, -1.0, 5.0]])  # last expert position is junk, masked out
+    em = torch.tensor([[1, 1, 1, 0]])
+    _, info = calibrl_loss(logp, logp.detach(), e, torch.tensor([1.0]), torch.ones(1, 2), torch.tensor([True]),
+                           gap="sequence", expert_mask=em)
+    # Delta = -2 - (-3) = 1 -> passed x = -1 -> L = -0.5 -> spread / 2 tokens, token-mean -> -0.25
+    assert info["guide_loss"] == pytest.approx(-0.25)
+
+
+def test_calibrl_expert_baseline_zero_past_end():
+    # expert shorter than the response: e_t = 0 past its end (official code)
+    logp = torch.tensor([[-1.0, -1.0, -1.0]], requires_grad=True)
+    e = torch.tensor([[-2.0]])
+    _, info = calibrl_loss(logp, logp.detach(), e, torch.tensor([1.0]), torch.ones(1, 3), torch.tensor([1]))
+    # passed: x = e - logp = [-1, 1, 1] -> [-0.5, 1, 1] -> mean 0.5
+    assert info["guide_loss"] == pytest.approx(0.5)
+    assert info["gate_passed_below"] == pytest.approx(2 / 3)
+    em = torch.tensor([[False]])  # masked expert position -> 0 too, even if it holds junk
+    e = torch.tensor([[float("nan")]])
+    _, info = calibrl_loss(logp, logp.detach(), e, torch.tensor([1.0]), torch.ones(1, 3), torch.tensor([1]),
+                           expert_mask=em)
+    assert info["guide_loss"] == pytest.approx(1.0)
+
+
+def test_calibrl_expert_side_has_no_gradient():
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    e = torch.tensor([[-1.5, -1.5]], requires_grad=True)
+    loss, _ = calibrl_loss(logp, logp.detach(), e, torch.tensor([1.0]), torch.ones(1, 2), torch.tensor([1]))
+    loss.backward()
+    assert e.grad is None
+
+
+@pytest.mark.parametrize("passed, logp, weight", [
+    (1, -2.0, 1.0),   # passed & logp < e: weight 1, pushes logp up
+    (1, -0.5, 0.5),   # passed & logp >= e: slope
+    (0, -0.5, 1.0),   # failed & logp > e: weight 1, pushes logp down
+    (0, -2.0, 0.5),   # failed & logp <= e: slope
+    (1, -1.0, 0.5),   # tie goes to the slope side (torch leaky_relu's gradient at 0)
+])
+def test_gate_branch_gradient_direction(passed, logp, weight):
+    adv = torch.tensor([0.8 if passed else -0.8])
+    x = torch.tensor([[logp]], requires_grad=True)
+    old = x.detach().clone()
+    e = torch.tensor([[-1.0]])
+    total, _ = calibrl_loss(x, old, e, adv, torch.ones(1, 1), torch.tensor([passed]), guide_coef=1.0)
+    g_total, = torch.autograd.grad(total, x)
+    pg, _ = policy_loss(x, old, adv, torch.ones(1, 1))
+    g_pg, = torch.autograd.grad(pg, x)
+    s = 1.0 if passed else -1.0
+    g_guide = float(g_total - g_pg)
+    assert g_guide == pytest.approx(-s * 0.8 * weight)  # descent raises logp for passed rows, lowers it for failed
+
+
+def test_uniform_group_gives_exactly_zero_guidance():
+    logp = torch.tensor([[-0.3, -0.2, -float("inf")], [-3.0, -0.1, -0.4]], requires_grad=True)
+    old = logp.detach().clone()
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    e = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, 0.0, 0.0]])
+    loss, info = calibrl_loss(logp, old, e, torch.zeros(2), mask, torch.tensor([1, 1]))
+    assert info["guide_loss"] == 0.0 and info["pg_loss"] == 0.0 and float(loss.detach()) == 0.0
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros(2, 3))
+
+
+def test_luffy_hand_values_and_gradient():
+    logp = torch.tensor([[-1.0]], requires_grad=True)
+    e = torch.tensor([[math.log(0.5)]], requires_grad=True)
+    loss, info = luffy_loss(logp, logp.detach(), torch.tensor([1.0]), torch.ones(1, 1), e, torch.tensor([1.0]),
+                            torch.ones(1, 1))
+    f = 0.5 / 0.6
+    assert float(loss.detach()) == pytest.approx((-1.0 - f) / 2)
+    assert info["pg_loss"] == pytest.approx(-1.0) and info["expert_loss"] == pytest.approx(-f)
+    loss.backward()
+    # d/dlogp of -A p/(p+g) = -A g p / (p+g)^2, halved by the token-mean over 2 tokens
+    assert float(e.grad) == pytest.approx(-0.1 * 0.5 / 0.36 / 2)
+
+
+def test_luffy_union_aggregation_with_wider_expert_and_no_expert():
+    logp = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    e = torch.full((1, 3), math.log(0.5))
+    loss, _ = luffy_loss(logp, logp.detach(), torch.tensor([1.0]), torch.ones(1, 2), e, torch.tensor([2.0]),
+                         torch.tensor([[1, 1, 0]]), agg="seq-mean-token-sum")
+    assert float(loss.detach()) == pytest.approx((-2.0 - 2 * 2 * 0.5 / 0.6) / 2)
+    loss, info = luffy_loss(logp, logp.detach(), torch.tensor([1.0]), torch.ones(1, 2), e[:0],
+                            torch.zeros(0), torch.ones(0, 3))
+    assert float(loss.detach()) == pytest.approx(-1.0) and info["expert_loss"] is None
+
+
+def test_rlplus_hand_values():
+    logp = torch.tensor([[-1.0]], requires_grad=True)
+    e = torch.tensor([[math.log(0.5)]], requires_grad=True)
+    e_old = torch.tensor([[math.log(0.4)]])
+    loss, info = rlplus_loss(logp, logp.detach(), torch.tensor([1.0]), torch.ones(1, 1), e, e_old,
+                             torch.tensor([1.0]), torch.ones(1, 1))
+    ratio = 0.5 / (0.75 * 0.4 + 0.25)
+    off = -(1 - 0.5) ** 0.5 * ratio
+    assert float(loss.detach()) == pytest.approx((-1.0 + off) / 2)
+    assert info["expert_loss"] == pytest.approx(off) and info["expert_ratio_mean"] == pytest.approx(ratio)
+    loss.backward()  # the exploration factor is detached: d/dlogp (-A' r) = -A' r
+    assert float(e.grad) == pytest.approx(off / 2)

@@ -1,0 +1,167 @@
+"""Trainer: bit-identical resume, every contract metric every step, equal optimizer steps across modes, skipped
+non-finite steps, run-directory safety, and bad inputs rejected before any training."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_rollout import tiny_policy  # noqa: E402
+
+from calibrl.config import TrainConfig  # noqa: E402
+from calibrl.history import History  # noqa: E402
+from calibrl.trainer import Trainer, train  # noqa: E402
+
+CONTRACT_KEYS = """step mode seed time_s reward_mean acc_mean format_rate response_len_mean expert_len_mean entropy_mean
+entropy_passed entropy_failed entropy_expert uniform_frac all_pass_frac all_fail_frac abs_adv_mean gate_passed_below
+gate_passed_above gate_failed_above gate_failed_below gate_weight_mean expert_gap_q10 expert_gap_q50 expert_gap_q90
+expert_past_end_frac cov_logp_adv pg_loss guide_loss loss clipfrac approx_kl grad_norm grad_norm_pg grad_norm_guide
+grad_cos_pg_guide kl_to_start logp_gap_max skipped lr opt_steps""".split()
+EVAL_KEYS = ["eval_greedy_acc", "eval_pass_at_k", "eval_format_rate"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    from calibrl.tasks import DEFAULT_TASK, make_dataset
+
+    return make_dataset(DEFAULT_TASK, 16, 0), make_dataset(DEFAULT_TASK, 2, 99)
+
+
+def cfg_for(tmp_path, mode="grpo", **kw):
+    base = dict(mode=mode, steps=2, prompts_per_step=2, group_size=3, max_new_tokens=8, minibatches=2,
+                eval_every=0, samples_per_step=1, out=str(tmp_path), name=f"{mode}-run")
+    base.update(kw)
+    return TrainConfig.from_budget("smoke", **base)
+
+
+def _lora_trainable(policy):
+    return {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+
+
+def test_resume_is_bit_identical(tmp_path, data):
+    train_ds, eval_ds = data
+    # an entropy bonus gives a non-zero gradient even when no sample earns reward, so the test can fail
+    kw = dict(steps=6, eval_every=3, eval_n=2, pass_k=2, entropy_coef=0.05, lr=1e-2)
+    straight = train(cfg_for(tmp_path, name="straight", **kw), policy=tiny_policy(lora=True), train_data=train_ds,
+                     eval_data=eval_ds)
+    train(cfg_for(tmp_path, name="split", **{**kw, "steps": 3}), policy=tiny_policy(lora=True), train_data=train_ds,
+          eval_data=eval_ds)
+    tr = Trainer(cfg_for(tmp_path, name="split", **kw), policy=tiny_policy(lora=True), train_data=train_ds,
+                 eval_data=eval_ds, resume=True)
+    assert tr.step_num == 3
+    resumed = tr.run()
+    a = [{k: v for k, v in r.items() if k != "time_s"} for r in straight.rows]
+    b = [{k: v for k, v in r.items() if k != "time_s"} for r in History.load(tmp_path / "split").rows]
+    assert len(a) == len(b) == 6 and len(resumed.rows) == 6
+    assert a == b
+    assert all(r["grad_norm"] > 0 for r in straight.rows)  # the weights did move
+    assert [("eval_greedy_acc" in r) for r in a] == [False, False, True, False, False, True]
+    sa = History.load(tmp_path / "straight").samples()
+    sb = History.load(tmp_path / "split").samples()
+    assert sa == sb and len(sa) == 6
+
+
+def test_every_contract_metric_every_step(tmp_path, data):
+    train_ds, eval_ds = data
+    seen = []
+    hist = train(cfg_for(tmp_path, "calibrl", eval_every=2, eval_n=2, pass_k=2), policy=tiny_policy(lora=True),
+                 train_data=train_ds, eval_data=eval_ds, on_step=seen.append)
+    assert [r["step"] for r in seen] == [1, 2]
+    for r in hist.rows:
+        assert set(CONTRACT_KEYS) <= set(r), sorted(set(CONTRACT_KEYS) - set(r))
+        assert r["mode"] == "calibrl" and r["opt_steps"] == 2 and r["skipped"] == 0
+        assert r["logp_gap_max"] <= 1e-4  # the training forward equals the sampler before the first update
+        assert r["kl_to_start"] is not None and r["kl_to_start"] >= 0
+        for v in r.values():
+            assert not (isinstance(v, float) and v != v)  # never NaN
+    assert set(EVAL_KEYS) <= set(hist.rows[1]) and not set(EVAL_KEYS) & set(hist.rows[0])
+    assert hist.rows[0]["kl_to_start"] == pytest.approx(0.0, abs=1e-6)  # LoRA B = 0: the start policy itself
+    run = tmp_path / "calibrl-run"
+    for f in ("config.json", "history.jsonl", "samples.jsonl", "eval.jsonl", "checkpoint/state.pt"):
+        assert (run / f).exists(), f
+    df = History.load(run).to_pandas()
+    assert list(df["step"]) == [1, 2] and "entropy_mean" in df
+    assert json.loads((run / "config.json").read_text())["loss"]["mode"] == "calibrl"
+    s = History.load(run).samples()[0]
+    assert len(s["tokens"]) == len(s["entropy"]) == len(s["logp"]) and isinstance(s["passed"], bool)
+
+
+@pytest.mark.parametrize("mode", ["grpo", "dr_grpo", "dapo", "calibrl", "luffy", "rlplus"])
+def test_same_optimizer_steps_in_every_mode(tmp_path, data, mode):
+    train_ds, _ = data
+    hist = train(cfg_for(tmp_path, mode, steps=1, group_size=2, max_new_tokens=6, ppo_epochs=2, minibatches=2,
+                         grad_accum=2, kl_every=0), policy=tiny_policy(lora=True), train_data=train_ds)
+    assert hist.rows[0]["opt_steps"] == 4  # ppo_epochs x minibatches, whatever the mode
+
+
+def test_non_finite_loss_skips_the_step(tmp_path, data, monkeypatch):
+    from calibrl import losses
+
+    train_ds, _ = data
+    real = losses.policy_loss
+
+    def nan_loss(*a, **k):
+        loss, info = real(*a, **k)
+        return loss * float("nan"), info
+
+    monkeypatch.setattr(losses, "policy_loss", nan_loss)
+    policy = tiny_policy(lora=True)
+    before = _lora_trainable(policy)
+    hist = train(cfg_for(tmp_path, steps=1), policy=policy, train_data=train_ds)
+    r = hist.rows[0]
+    assert r["skipped"] == 1 and r["opt_steps"] == 0 and r["grad_norm"] is None
+    after = _lora_trainable(policy)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_existing_run_dir_is_refused(tmp_path, data):
+    train_ds, _ = data
+    cfg = cfg_for(tmp_path, steps=1)
+    train(cfg, policy=tiny_policy(lora=True), train_data=train_ds)
+    with pytest.raises(ValueError, match="already exists"):
+        train(cfg, policy=tiny_policy(lora=True), train_data=train_ds)
+    hist = train(cfg, policy=tiny_policy(lora=True), train_data=train_ds, overwrite=True)
+    assert len(hist.rows) == 1
+    with pytest.raises(ValueError, match=r"config differs.*group_size"):
+        Trainer(cfg_for(tmp_path, steps=2, group_size=2), policy=tiny_policy(lora=True), train_data=train_ds,
+                resume=True)
+
+
+def test_bad_inputs_before_any_training(tmp_path, data):
+    train_ds, _ = data
+    pol = tiny_policy(lora=True)
+    with pytest.raises(ValueError, match=r"'calibrl'.*'solution'|'solution'.*'calibrl'"):
+        Trainer(cfg_for(tmp_path, "calibrl"), policy=pol, train_data=train_ds.remove_columns("solution"))
+    with pytest.raises(ValueError, match="train_data.*non-empty"):
+        Trainer(cfg_for(tmp_path), policy=pol, train_data=train_ds.select([]))
+    with pytest.raises(ValueError, match="group_size"):
+        cfg_for(tmp_path, group_size=1)
+    with pytest.raises(ValueError, match="mode"):
+        cfg_for(tmp_path, mode="ppo")
+    no_proc = SimpleNamespace(**{k: getattr(pol, k) for k in ("model", "tokenizer", "suppress_token_ids",
+                                                               "eos_token_id", "pad_token_id", "is_lora")},
+                              processor=None)
+    with pytest.raises(ValueError, match="processor"):
+        Trainer(cfg_for(tmp_path), policy=no_proc, train_data=train_ds)
+    assert not any(tmp_path.iterdir())  # nothing was written
+    # GRPO does not need experts: it trains without the column (gate probes become null)
+    hist = train(cfg_for(tmp_path, steps=1), policy=pol, train_data=train_ds.remove_columns("solution"))
+    assert hist.rows[0]["gate_passed_below"] is None and hist.rows[0]["entropy_expert"] is None
+
+
+def test_prompt_order_depends_only_on_seed_and_step(tmp_path, data):
+    train_ds, _ = data
+    pol = tiny_policy(lora=True)
+    a = Trainer(cfg_for(tmp_path, name="a"), policy=pol, train_data=train_ds)
+    b = Trainer(cfg_for(tmp_path, "calibrl", name="b"), policy=pol, train_data=train_ds)
+    c = Trainer(cfg_for(tmp_path, name="c", seed=1), policy=pol, train_data=train_ds)
+    order = [a.prompt_indices(s) for s in range(1, 9)]  # 8 steps x 2 prompts = one pass over 16 prompts
+    assert order == [b.prompt_indices(s) for s in range(1, 9)]
+    assert order != [c.prompt_indices(s) for s in range(1, 9)]
+    assert sorted(i for o in order for i in o) == list(range(16))
+
