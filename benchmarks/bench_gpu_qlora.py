@@ -42,6 +42,14 @@ def build_random_3b(out: Path) -> None:
     print(f"built random Qwen2.5-VL-3B architecture: {n / 1e9:.3f} B parameters -> {out}", flush=True)
 
 
+class _Rows(list):
+    """A list of example dicts with the two attributes the trainer reads (the GPU image has no `datasets`)."""
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self[0])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/qwen25vl3b-random")
@@ -56,7 +64,7 @@ def main() -> int:
         return 2
     from calibrl.config import TrainConfig
     from calibrl.models import load_policy
-    from calibrl.tasks import DEFAULT_TASK, make_dataset
+    from calibrl.tasks import DEFAULT_TASK, sample
     from calibrl.trainer import Trainer, lora_config
 
     out = Path(args.out)
@@ -70,12 +78,12 @@ def main() -> int:
     policy = load_policy(str(out), quantization="4bit", lora=lora_config(cfg))
     load_s = time.perf_counter() - t0
     size = (args.image_size, args.image_size)
-    data = make_dataset(DEFAULT_TASK, 8, 0)
-    data = data.map(lambda ex: {"image": ex["image"].convert("RGB").resize(size)})
+    rows = [sample(DEFAULT_TASK, i, 0) for i in range(8)]
+    data = _Rows([dict(r, image=r["image"].convert("RGB").resize(size)) for r in rows])
     trainer = Trainer(cfg, policy=policy, train_data=data, overwrite=True)
     dev = torch.cuda.get_device_name()
-    n_img = int((trainer.policy.processor(images=[data[0]["image"]], text=["x"], return_tensors="pt")
-                 ["image_grid_thw"].prod() // 4).item()) if hasattr(trainer.policy.processor, "image_processor") else None
+    grid = trainer.policy.processor.image_processor(images=[data[0]["image"]], return_tensors="pt")["image_grid_thw"]
+    n_img = int(grid.prod().item() // 4)
     results = []
     for i in range(args.steps):
         torch.cuda.reset_peak_memory_stats()

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs", help="parent output directory (default runs/)")
     parser.add_argument("--name", default=None, help="comparison directory name (default compare-<budget>)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a TrainConfig/LossConfig field for every run, e.g. --set lr=5e-4 "
+                             "--set guide_coef=0.3 (repeatable; values parsed as JSON, else strings)")
     parser.add_argument("--quantization", default=None, choices=("4bit",), help="4-bit NF4 base model (GPU, hub VLMs)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="replace an existing comparison directory")
@@ -41,6 +44,23 @@ def _parse_list(text: str, what: str, cast=str) -> list:
         raise ValueError(f"{what}: expected comma-separated {cast.__name__} values, got {text!r}") from None
     if len(set(out)) != len(out):
         raise ValueError(f"{what}: expected distinct values, got {text!r}")
+    return out
+
+
+def _parse_sets(items: list[str]) -> dict:
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
+        if key.strip() in ("mode", "seed", "out", "name"):
+            raise ValueError(f"--set: {key.strip()!r} is set by --modes/--seeds/--out/--name")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
     return out
 
 
@@ -112,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         if m not in MODES:
             raise ValueError(f"modes: unknown mode {m!r}; expected some of {', '.join(MODES)}")
     seeds = _parse_list(args.seeds, "seeds", int)
-    overrides = {}
+    overrides = _parse_sets(args.overrides)
     if args.steps is not None:
         overrides["steps"] = args.steps
     if args.threads is not None:

@@ -142,8 +142,10 @@ class TrainConfig:
     row), so an expert row never adds a step (the official code gives CalibRL 5 steps and GRPO 4; not repeated here)."""
     grad_accum: int = 1
     """Micro-batches per mini-batch whose gradients are accumulated before the optimizer step."""
-    lr: float = 2e-4
-    """AdamW learning rate (constant)."""
+    lr: float = 5e-4
+    """AdamW learning rate (constant) of the LoRA weights. On the shipped tiny model (GRPO, small budget, 1 seed):
+    2e-4 moved it little (KL to start 0.003 after 12 steps); 1e-3 learned stably over 24 steps (KL 0.046, format
+    0.94); 5e-4 is the default in between."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -185,12 +187,13 @@ class TrainConfig:
     def from_budget(cls, budget: str = "small", **overrides: Any) -> "TrainConfig":
         """A config sized by one dial, then `overrides` (TrainConfig fields, LossConfig fields, or `mode`).
 
-        - smoke: 3 steps, P=2, G=4, 16 new tokens; seconds per mode on 2 CPU cores (CI).
+        - smoke: 3 steps, P=2, G=4, 24 new tokens (the tiny policy answers in about 19 tokens); seconds per mode on
+          2 CPU cores (CI).
         - small: 60 steps, P=8, G=8, 32 new tokens, 2 mini-batches; about 2 minutes per mode on 2 CPU cores.
         - full: 200 steps, P=16, G=8, 48 new tokens, 4 mini-batches; for a GPU or a long CPU run.
         """
         sizes: dict[str, dict[str, Any]] = {
-            "smoke": dict(steps=3, prompts_per_step=2, group_size=4, max_new_tokens=16, minibatches=2, train_size=32,
+            "smoke": dict(steps=3, prompts_per_step=2, group_size=4, max_new_tokens=24, minibatches=2, train_size=32,
                           eval_every=3, eval_n=4, pass_k=2, samples_per_step=2),
             "small": dict(steps=60, prompts_per_step=8, group_size=8, max_new_tokens=32, minibatches=2, train_size=512,
                           eval_every=10, eval_n=32, pass_k=4),

@@ -96,9 +96,13 @@ def fig_curves(data: Any, metric: str, *, by: str = "mode", ci: bool = True, tit
     df = to_frame(data)
     if by not in df.columns:
         raise ValueError(f"by: {by!r} is not a column (have {sorted(df.columns)})")
-    if metric not in df.columns or df[metric].isna().all():
-        raise ValueError(f"metric: {metric!r} has no values in these histories")
+    if metric not in df.columns:
+        raise ValueError(f"metric: {metric!r} is not a history column (have {sorted(df.columns)})")
     fig = go.Figure()
+    if df[metric].isna().all():  # logged as null at every step (e.g. no passed rows yet): an empty, labelled figure
+        fig.update_layout(title=f"{metric}: no values logged in these histories", xaxis_title="RL step",
+                          yaxis_title=metric, template="plotly_white")
+        return fig
     dashes, used = ("solid", "dash", "dot", "dashdot", "longdash"), {}
     for group, sub in df.groupby(by, sort=False):
         mode = str(sub["mode"].iloc[0]) if "mode" in sub.columns else str(group)
@@ -157,11 +161,14 @@ def fig_gate_branches(data: Any, *, mode: str | None = "calibrl") -> go.Figure:
         df = df[df["mode"] == mode]
     cols = [c for c, _, _ in GATE_BRANCHES]
     missing = [c for c in cols if c not in df.columns]
-    if df.empty or missing or df[cols].isna().all().all():
-        raise ValueError(f"data: expected gate columns {cols} with values for mode {mode!r} "
-                         f"(missing {missing or 'values'})")
+    if df.empty or missing:
+        raise ValueError(f"data: expected gate columns {cols} in rows of mode {mode!r} (missing {missing or 'rows'})")
     mean = df.groupby("step")[cols].mean()
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=("passed rows", "failed rows"))
+    if mean.isna().all().all():  # every group uniform so far: no gate activity to show
+        fig.update_layout(title=f"Gate activation by branch ({mode or 'all modes'}): no values logged (only uniform "
+                                f"groups)", template="plotly_white")
+        return fig
     for (col, label, group), color in zip(GATE_BRANCHES, _branch_colors()):
         fig.add_trace(go.Scatter(x=mean.index, y=mean[col], name=label, stackgroup=group, line=dict(color=color),
                                  fillcolor=color, mode="lines"), row=1, col=1 if group == "passed" else 2)

@@ -114,8 +114,10 @@ def _pg_terms(logp_m: torch.Tensor, old_m: torch.Tensor, a: torch.Tensor, mf: to
     lo, hi = 1.0 - clip_low, 1.0 + clip_high
     inf = float("inf")
     neg, pos = a < 0, a > 0                                              # [B,1] or [B,T]
-    lo_a = torch.where(neg, lo, 0.0).to(a.dtype)                         # lower bound of r: lo where A < 0
-    hi_a = torch.where(pos, hi, torch.where(neg, clip_c if clip_c is not None else inf, inf)).to(a.dtype)
+    k = lambda v: a.new_tensor(v)                                        # constants in the compute dtype
+    lo_a = torch.where(neg, k(lo), k(0.0))                               # lower bound of r: lo where A < 0
+    hi_a = torch.where(pos, k(hi), k(clip_c if clip_c is not None else inf))   # upper: hi (A>0), c (A<0)
+    hi_a = torch.where(neg | pos, hi_a, k(inf))                          # A = 0: no bound (loss is 0)
     log_ratio = (logp_m - old_m).clamp(-20.0, 20.0)                      # [B,T] verl clamps before exp
     ratio = torch.exp(log_ratio)                                         # [B,T] r = pi_theta / pi_old
     r_eff = torch.clamp(ratio, min=lo_a, max=hi_a)                       # [B,T] clipped (and dual-clipped) r
@@ -252,7 +254,8 @@ def calibrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, expert_logp: torch.
     the official remove-padding path holds one junk log-prob; here it holds whatever expert_logp holds there
     (0 if expert_mask excludes it); (b) the official loss is divided by the gradient-accumulation count outside
     the loss (not done here); (c) clip statistics are over on-policy tokens only (official: also expert rows);
-    (d) log r is clamped to [-20, 20] as verl. Deviations from the paper: the default gap is per token by index
+    (d) log r is clamped to [-20, 20] as verl; (e) old_logp and expert_logp are detached here (the official code
+    gets them from a no-grad pass). Deviations from the paper: the default gap is per token by index
     with a detached pi_old expert side (paper: sequence-level, pi_theta on both sides, no KL term; the sequence
     option keeps the expert side detached).
     """

@@ -51,6 +51,13 @@ class Policy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def eval_mode_ok(self) -> bool:
+        """False only for 4-bit on CPU, which must stay in train mode (bitsandbytes repacks weights in eval mode and a
+        later LoRA backward fails). On CUDA, eval mode also re-enables the KV cache that gradient checkpointing
+        turns off in train mode, which makes generation several times faster."""
+        return not (self.quantization is not None and self.device.type == "cpu")
+
 
 def _resolve(name_or_path: str) -> tuple[str, bool]:
     """-> (path or hub id, is_local). Raises ValueError for anything unrecognised."""

@@ -57,9 +57,9 @@ def extract_answer(text: Any) -> str | None:
 
 
 def _strip(s: str) -> str:
-    s = " ".join(s.split()).strip(_PUNCT)
+    s = " ".join(s.split()).lstrip(_PUNCT.replace(".", "")).rstrip(_PUNCT)  # keep a leading "." (".5")
     while s and s[-1] in "°%":
-        s = s[:-1].strip(_PUNCT)
+        s = s[:-1].rstrip(_PUNCT)
     return s
 
 

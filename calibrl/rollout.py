@@ -4,6 +4,11 @@ The one invariant everything rests on: `sequence_logprobs` reproduces the sample
 masked logits (suppressed vision tokens at -inf), the same temperature, the same positions (Qwen2.5-VL needs
 `mm_token_type_ids`, extended with zeros over the completion) and never lets a -inf log-prob of a pad after EOS
 reach arithmetic (`torch.where`, not multiplication by the mask).
+
+Two equivalent paths: `sequence_logprobs` (plain: one forward per row over prompt + completion, any VLM) and, for
+Qwen2/2.5-VL, calibrl.prefix (the image and prompt run once per prompt and their KV cache is shared by the prompt's
+G rows, in sampling and in the training forward). `rows_logprobs` and `sample_groups` pick the path; tests check
+both against the sampler and against each other, and the trainer logs the sampler-vs-trainer gap every step.
 """
 from __future__ import annotations
 
@@ -280,7 +285,7 @@ def collect_rollout(policy: Any, examples: Sequence[dict], cfg: TrainConfig, *, 
     row_prompt = torch.arange(p).repeat_interleave(g)
     model = policy.model
     was_training = model.training
-    if getattr(policy, "quantization", None) is None:  # 4-bit on CPU must stay in train mode (calibrl.models)
+    if getattr(policy, "eval_mode_ok", True):  # not 4-bit on CPU (see Policy.eval_mode_ok)
         model.train(False)
     vocab = model.get_output_embeddings().weight.shape[0]
     big = vocab * p * g * cfg.max_new_tokens > 2e8  # HF sampler logits too large to keep: recompute instead

@@ -61,7 +61,7 @@ def kl_to_start(b: Any) -> float | None:
     if b.ref_logp is None:
         return None
     d = (b.ref_logp - b.old_logp)[b.mask]
-    return float((torch.exp(d) - d - 1).mean())
+    return float((torch.exp(d) - d - 1).clamp(min=0).mean())  # k3 >= 0; clamp float rounding at d ~ 0
 
 
 def grad_split(total: torch.Tensor, pg: torch.Tensor, params: Sequence[torch.Tensor]) -> dict:

@@ -200,7 +200,7 @@ class Trainer:
                 self.optimizer.step()
                 opt_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        if getattr(self.policy, "quantization", None) is None:  # 4-bit on CPU stays in train mode (calibrl.models)
+        if getattr(self.policy, "eval_mode_ok", True):  # not 4-bit on CPU (see Policy.eval_mode_ok)
             self.policy.model.train(False)
         out = stepstats.mean_infos(infos)
         out.update(split or {})

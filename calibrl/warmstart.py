@@ -24,8 +24,8 @@ SELECT_SEED = 20000      # checkpoint-selection prompts (DEFAULT_TASK)
 DEFAULT_SHARE = 0.5      # share of DEFAULT_TASK in the SFT mixture; the other families split the rest equally
 ACC_RANGE, MIN_FORMAT = (0.25, 0.65), 0.92
 BUDGETS: dict[str, dict[str, int]] = {
-    "smoke": dict(steps=8, batch=4, warmup=1, eval_every=0, select_n=0, final_n=4, final_k=1, pool=32),
-    "full": dict(steps=400, batch=32, warmup=20, eval_every=20, select_n=64, final_n=200, final_k=4, pool=5000),
+    "smoke": dict(steps=8, batch=4, warmup=1, eval_every=0, select_n=0, final_n=4, final_k=1, pool=32, max_new=16),
+    "full": dict(steps=400, batch=32, warmup=20, eval_every=20, select_n=64, final_n=200, final_k=4, pool=5000, max_new=64),
 }
 
 
@@ -175,11 +175,12 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     model.eval()
     policy = policy_from_model(model, processor, name="tiny")
     heldout = make_dataset(DEFAULT_TASK, b["final_n"], HELDOUT_SEED)
-    final = evaluate(policy, heldout, temperature=1.0, n_samples=b["final_k"], batch_size=64, max_new_tokens=64,
-                     seed=HELDOUT_SEED)
-    greedy = evaluate(policy, heldout, temperature=0.0, n_samples=1, batch_size=64, max_new_tokens=64, seed=HELDOUT_SEED)
+    final = evaluate(policy, heldout, temperature=1.0, n_samples=b["final_k"], batch_size=64,
+                     max_new_tokens=b["max_new"], seed=HELDOUT_SEED)
+    greedy = evaluate(policy, heldout, temperature=0.0, n_samples=1, batch_size=64, max_new_tokens=b["max_new"],
+                      seed=HELDOUT_SEED)
     record = dict(seed=args.seed, budget=args.budget, max_steps=steps, steps_done=len(losses), chosen_step=chosen or len(losses),
-                  batch=b["batch"], lr=args.lr, warmup=b["warmup"], threads=args.threads, loadavg_start=load0,
+                  batch=b["batch"], lr=args.lr, max_new_tokens=b["max_new"], warmup=b["warmup"], threads=args.threads, loadavg_start=load0,
                   loadavg_end=os.getloadavg(), n_params=n_params, vocab=len(processor.tokenizer), tasks=tasks,
                   default_task=DEFAULT_TASK, pool_per_task=per_task, train_seeds=[TRAIN_SEED_BASE + i + 1000 * args.seed for i in range(len(tasks))],
                   select_seed=SELECT_SEED, heldout_seed=HELDOUT_SEED, loss_first=losses[0], loss_last=sum(losses[-5:]) / len(losses[-5:]),
@@ -191,12 +192,21 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-def _save(model: Any, processor: Any, out: Path, record: dict[str, Any], overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool) -> bool:
+    """True if `out` holds a model to replace; ValueError if it must not be written."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ValueError(f"--out: {out} is not empty; pass --overwrite to replace it")
         if not (out / "config.json").is_file():
             raise ValueError(f"--out: {out} is not empty and holds no model (no config.json); refusing to replace it")
+        return True
+    return False
+
+
+def _save(model: Any, processor: Any, out: Path, record: dict[str, Any], overwrite: bool) -> None:
+    if _check_out(out, overwrite):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -210,7 +220,7 @@ def model_card(r: dict[str, Any]) -> str:
     f, g = r["final"], r["greedy"]
     rows = "\n".join(f"| {e['step']} | {e['train_s']} | {e['loss']} | {e['accuracy']} | {e['format_rate']} |" for e in r["evals"])
     cmd = f"python -m calibrl eval --model tiny --task {r['default_task']} --n {f['n_prompts']} --seed {r['heldout_seed']} " \
-          f"--temperature 1 --samples-per-prompt {f['n_samples']} --batch-size 64 --max-new-tokens 64"
+          f"--temperature 1 --samples-per-prompt {f['n_samples']} --batch-size 64 --max-new-tokens {r['max_new_tokens']}"
     return f"""# tiny-qwen2.5-vl (calibrl embedded default)
 
 A {r['n_params'] / 1e6:.2f}M-parameter `Qwen2_5_VLForConditionalGeneration` (text: hidden 256, 4 layers, 4 heads,
@@ -256,8 +266,7 @@ def run(args: argparse.Namespace) -> int:
     """Run build-tiny; prints the chosen step and scores; returns 0, or 2 on bad input."""
     try:
         out = _out_dir(args)
-        if out.exists() and any(out.iterdir()) and not args.overwrite:
-            raise ValueError(f"--out: {out} is not empty; pass --overwrite to replace it")
+        _check_out(out, args.overwrite)
         rec = build(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -34,7 +34,8 @@ def model_arg(tmp_path_factory):
 def smoke(tmp_path_factory, model_arg):
     out = tmp_path_factory.mktemp("runs")
     t0 = time.perf_counter()
-    rc = main(["compare", "--budget", "smoke", "--model", model_arg, "--out", str(out), "--name", "cmp"])
+    # one thread: the 60 s budget must hold even when another job shares the 2 cores (2 threads then thrash)
+    rc = main(["compare", "--budget", "smoke", "--model", model_arg, "--out", str(out), "--name", "cmp", "--threads", "1"])
     return rc, out / "cmp", time.perf_counter() - t0
 
 
@@ -95,3 +96,14 @@ def test_seed_bands_are_mean_plus_minus_t_ci(tmp_path):
     assert "fill" in page and "n=2" in page
     with pytest.raises(ValueError, match="run_dirs"):
         build_report([])
+
+
+def test_set_overrides_parse_json_values():
+    from calibrl.compare import _parse_sets
+
+    assert _parse_sets(["lr=5e-4", "agg=token-mean", "clip_c=null", "steps=7"]) == \
+        {"lr": 5e-4, "agg": "token-mean", "clip_c": None, "steps": 7}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        _parse_sets(["lr"])
+    with pytest.raises(ValueError, match="--modes"):
+        _parse_sets(["mode=grpo"])

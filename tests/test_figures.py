@@ -121,6 +121,8 @@ def test_fig_curves_mean_and_ci():
     assert list(ev.data[1].x) == [3]  # null steps dropped
     with pytest.raises(ValueError, match="metric"):
         F.fig_curves(_rows(), "nope")
+    empty = F.fig_curves([dict(r, reward_mean=None) for r in _rows()], "reward_mean")
+    assert len(empty.data) == 0 and "no values" in empty.layout.title.text
 
 
 def test_fig_curves_same_method_distinct_dashes():
@@ -140,6 +142,9 @@ def test_fig_gate_branches():
     assert fig.data[0].stackgroup == fig.data[1].stackgroup != fig.data[2].stackgroup
     with pytest.raises(ValueError, match="gate"):
         F.fig_gate_branches([dict(step=1, mode="grpo", reward_mean=0.1)])
+    nulls = [dict(r, gate_passed_below=None, gate_passed_above=None, gate_failed_above=None, gate_failed_below=None)
+             for r in _rows()]
+    assert len(F.fig_gate_branches(nulls).data) == 0
 
 
 def test_fig_entropy_heatmap():

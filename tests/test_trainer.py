@@ -34,7 +34,8 @@ def data():
 
 def cfg_for(tmp_path, mode="grpo", **kw):
     base = dict(mode=mode, steps=2, prompts_per_step=2, group_size=3, max_new_tokens=8, minibatches=2,
-                eval_every=0, samples_per_step=1, out=str(tmp_path), name=f"{mode}-run")
+                eval_every=0, samples_per_step=1, out=str(tmp_path), name=f"{mode}-run",
+                threads=1)  # robust timing when another job shares the 2 cores
     base.update(kw)
     return TrainConfig.from_budget("smoke", **base)
 

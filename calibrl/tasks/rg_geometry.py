@@ -21,7 +21,7 @@ _SCALE, _CENTRE = 4.6, 56
 def _dataset(seed: int) -> Any:
     try:
         from reasoning_gym.geometry.advanced_geometry import AdvancedGeometryConfig, AdvancedGeometryDataset
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
+    except ImportError as e:
         raise ImportError("task 'rg_geometry' needs the optional dependency reasoning-gym: "
                           "pip install 'calibrl[rg]' (or pip install reasoning-gym)") from e
     cfg = AdvancedGeometryConfig(task_types=list(TASK_TYPES), size=SEED_STRIDE, seed=seed * SEED_STRIDE)
