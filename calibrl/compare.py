@@ -2,7 +2,7 @@
 write an HTML report.
 
     python -m calibrl compare --budget smoke                       # GRPO vs CalibRL, seed 0, CI-sized
-    python -m calibrl compare --budget small --seeds 0,1,2         # the README result (~10 min per seed, 2 cores)
+    python -m calibrl compare --budget small --seeds 0,1,2         # the README result (~2.5 min per seed, 2 cores)
 
 Output: OUT/NAME/<mode>-s<seed>/ (config.json, history.jsonl, samples.jsonl, eval.jsonl, checkpoint/, adapter/)
 and OUT/NAME/report.html.

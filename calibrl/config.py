@@ -189,7 +189,7 @@ class TrainConfig:
 
         - smoke: 3 steps, P=2, G=4, 24 new tokens (the tiny policy answers in about 19 tokens); seconds per mode on
           2 CPU cores (CI).
-        - small: 60 steps, P=8, G=8, 32 new tokens, 2 mini-batches; about 2 minutes per mode on 2 CPU cores.
+        - small: 60 steps, P=8, G=8, 32 new tokens, 2 mini-batches; about 75 s per mode on 2 quiet CPU cores.
         - full: 200 steps, P=16, G=8, 48 new tokens, 4 mini-batches; for a GPU or a long CPU run.
         """
         sizes: dict[str, dict[str, Any]] = {

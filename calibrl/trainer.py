@@ -7,10 +7,9 @@ travels with its prompt instead of adding a mini-batch.
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
