@@ -231,12 +231,16 @@ def cov_logp_adv(logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------------------------ gradients
-def gradient_split(pg_loss: torch.Tensor, guide_loss: torch.Tensor, params: Sequence[torch.Tensor]) -> dict:
+def gradient_split(pg_loss: torch.Tensor, guide_loss: torch.Tensor, params: Sequence[torch.Tensor], *,
+                   accumulate: bool = False) -> dict:
     """Gradient norms of the policy term and the guidance term, and their cosine, for the given parameters.
 
     pg_loss, guide_loss: 0-d tensors sharing a graph (e.g. pg from policy_loss and guide = total - pg, which
-    includes guide_coef); the graph is retained so the caller can still backward the total. Parameters without
-    a gradient path count as zero. Returns grad_norm_pg, grad_norm_guide, grad_cos_pg_guide (None if a norm is 0).
+    includes guide_coef). accumulate=False: the graph is retained so the caller can still backward the total.
+    accumulate=True: the two gradients are summed into each parameter's .grad, exactly what backward of
+    pg_loss + guide_loss would add, so the caller saves that third backward pass (the graph is freed).
+    Parameters without a gradient path count as zero. Returns grad_norm_pg, grad_norm_guide, grad_cos_pg_guide
+    (None if a norm is 0).
     """
     for name, t in (("pg_loss", pg_loss), ("guide_loss", guide_loss)):
         V.tensor(t, name)
@@ -248,8 +252,18 @@ def gradient_split(pg_loss: torch.Tensor, guide_loss: torch.Tensor, params: Sequ
         raise ValueError("params: expected a non-empty sequence of tensors that require grad")
     flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
                                  for g, p in zip(gs, params)])
-    g_pg = flat(torch.autograd.grad(pg_loss, params, retain_graph=True, allow_unused=True))
-    g_gd = flat(torch.autograd.grad(guide_loss, params, retain_graph=True, allow_unused=True))
+    if not isinstance(accumulate, bool):
+        raise ValueError(f"accumulate: expected a bool, got {accumulate!r}")
+    grads_pg = torch.autograd.grad(pg_loss, params, retain_graph=True, allow_unused=True)
+    grads_gd = torch.autograd.grad(guide_loss, params, retain_graph=not accumulate, allow_unused=True)
+    if accumulate:
+        with torch.no_grad():
+            for p, a, b in zip(params, grads_pg, grads_gd):
+                if a is None and b is None:
+                    continue
+                g = a + b if a is not None and b is not None else (a if a is not None else b)
+                p.grad = g.clone() if p.grad is None else p.grad + g
+    g_pg, g_gd = flat(grads_pg), flat(grads_gd)
     n_pg, n_gd = float(g_pg.norm()), float(g_gd.norm())
     cos = float(g_pg @ g_gd) / (n_pg * n_gd) if n_pg > 0 and n_gd > 0 else None
     return {"grad_norm_pg": n_pg, "grad_norm_guide": n_gd, "grad_cos_pg_guide": cos}

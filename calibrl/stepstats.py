@@ -66,12 +66,10 @@ def kl_to_start(b: Any) -> float | None:
 
 def grad_split(total: torch.Tensor, pg: torch.Tensor, params: Sequence[torch.Tensor]) -> dict:
     """calibrl.probes.gradient_split of `total` into the policy term `pg` and the rest (the guide_coef-scaled
-    guidance term), then the usual backward of `total` (gradients land in .grad)."""
+    guidance term); the two gradients are summed into .grad, standing in for the backward of `total`."""
     from calibrl import probes
 
-    out = probes.gradient_split(pg, total - pg, params)
-    total.backward()
-    return out
+    return probes.gradient_split(pg, total - pg, params, accumulate=True)
 
 
 def mean_infos(infos: list[dict]) -> dict:

@@ -136,6 +136,25 @@ def test_gradient_split_on_calibrl_loss():
     assert out["grad_cos_pg_guide"] == pytest.approx((0.25 * 0.025 * 3) / (0.5 * 0.025 * math.sqrt(2.5)))
 
 
+def test_gradient_split_accumulate_equals_backward_of_total():
+    def setup():
+        theta = torch.tensor([[-1.0, -2.0], [-0.5, -1.5]], requires_grad=True)
+        theta.grad = torch.full((2, 2), 0.25)  # an earlier micro-batch's gradient must be kept
+        e, adv, mask, passed = torch.full((2, 2), -1.2), torch.tensor([1.0, -1.0]), torch.ones(2, 2), torch.tensor([1, 0])
+        total, _ = calibrl_loss(theta * 1.0, theta.detach(), e, adv, mask, passed, guide_coef=0.1)
+        pg, _ = policy_loss(theta * 1.0, theta.detach(), adv, mask)
+        return theta, total, pg
+
+    theta_a, total_a, _ = setup()
+    total_a.backward()
+    theta_b, total_b, pg_b = setup()
+    out = probes.gradient_split(pg_b, total_b - pg_b, [theta_b], accumulate=True)
+    torch.testing.assert_close(theta_b.grad, theta_a.grad)
+    assert out["grad_norm_pg"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="accumulate"):
+        probes.gradient_split(pg_b, total_b - pg_b, [theta_b], accumulate=1)
+
+
 @pytest.mark.parametrize("call, arg", [
     (lambda: probes.token_entropy(torch.zeros(3, 4, dtype=torch.long)), "logits"),
     (lambda: probes.token_entropy(torch.zeros(3, 4), chunk_size=0), "chunk_size"),
