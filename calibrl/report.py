@@ -154,7 +154,7 @@ def build_report(run_dirs: Sequence[str | Path], *, title: str = "calibrl compar
             continue
         parts.append(fig.to_html(full_html=False, include_plotlyjs=not parts, default_width="100%"))
     cfg = histories[0].config
-    meta = (f"model {html.escape(str(cfg.get('model')))}, task {html.escape(str(cfg.get('task')))}, "
+    meta = (f"model {html.escape(str(cfg.get('model')))}, task {html.escape(str(cfg.get('task') or _default_task()))}, "
             f"{cfg.get('steps')} steps, P={cfg.get('prompts_per_step')} prompts x G={cfg.get('group_size')}, "
             f"{cfg.get('max_new_tokens')} new tokens, {cfg.get('ppo_epochs', 1) * cfg.get('minibatches', 1)} "
             f"optimizer steps per RL step in every mode")
@@ -172,6 +172,12 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, *, title: str 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(build_report(run_dirs, title=title), encoding="utf-8")
     return out
+
+
+def _default_task() -> str:
+    from calibrl.tasks import DEFAULT_TASK
+
+    return f"{DEFAULT_TASK} (default)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
