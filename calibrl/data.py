@@ -22,24 +22,51 @@ def build_messages(question: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
 
-def check_image(image: Any, row: int | str = "?") -> Any:
-    """Return `image` as a PIL RGB image; ValueError naming the row for a non-image, an aspect ratio > 200 (checked
-    first), or a side < 28 or > 4096 px (Qwen2.5-VL's processor limits). Accepts PIL images and datasets-style
-    dicts {"bytes": ..., "path": ...}."""
+def check_image(image: Any, row: int | str = "?", *, min_side: int | None = MIN_SIDE,
+                max_side: int | None = MAX_SIDE, label: str | None = None) -> Any:
+    """Return `image` as a PIL RGB image; ValueError naming the row (or `label`) for a non-image, an empty image,
+    an aspect ratio > 200 (checked before the sides), or a side < min_side or > max_side px (Qwen2.5-VL's
+    processor limits by default; None disables a bound). Accepts PIL images and datasets-style dicts
+    {"bytes": ..., "path": ...}. Any PIL mode is converted: alpha composited on white, 16-bit and float rescaled."""
     import io
 
     from PIL import Image
 
+    label = label or f"image (row {row})"
     if isinstance(image, dict) and (image.get("bytes") or image.get("path")):
         image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
     if not isinstance(image, Image.Image):
-        raise ValueError(f"image (row {row}): expected a PIL image, got {type(image).__name__}")
+        raise ValueError(f"{label}: expected a PIL image, got {type(image).__name__}")
     w, h = image.size
-    if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT:  # checked first: extreme strips report their aspect
-        raise ValueError(f"image (row {row}): expected aspect ratio <= {MAX_ASPECT:g}, got {w}x{h}")
-    if min(w, h) < MIN_SIDE or max(w, h) > MAX_SIDE:
-        raise ValueError(f"image (row {row}): expected sides in [{MIN_SIDE}, {MAX_SIDE}] px, got {w}x{h}")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    if w < 1 or h < 1:
+        raise ValueError(f"{label}: expected a non-empty image, got size {w}x{h}")
+    if max(w, h) / min(w, h) > MAX_ASPECT:  # checked first: extreme strips report their aspect
+        raise ValueError(f"{label}: expected aspect ratio <= {MAX_ASPECT:g}, got {w}x{h}")
+    if (min_side is not None and min(w, h) < min_side) or (max_side is not None and max(w, h) > max_side):
+        raise ValueError(f"{label}: expected sides in [{min_side or 1}, {max_side or 'inf'}] px, got {w}x{h}")
+    return _to_rgb(image, label)
+
+
+def _to_rgb(image: Any, label: str) -> Any:
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        import numpy as np
+
+        a = np.asarray(image, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{label}: cannot convert mode {image.mode!r} to RGB: {e}") from e
 
 
 def _features(with_solution: bool, extra: dict[str, Any] | None = None) -> Any:

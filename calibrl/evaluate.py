@@ -17,40 +17,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 HELDOUT_SEED = 90001
-MAX_ASPECT = 200  # the Qwen image processor rejects aspect ratios above this
 
 
 def check_image(image: Any, index: int = 0) -> Any:
-    """An RGB PIL image ready for the processor: any PIL mode is converted (RGBA/LA/P composited on white, 16-bit and
-    float rescaled), sizes of 0 or an aspect ratio above 200 are rejected with a ValueError naming `index`."""
-    from PIL import Image
+    """An RGB PIL image ready for the processor (`calibrl.data.check_image` without side limits: the processor
+    rescales any size); ValueError naming `index` for a non-image, an empty image or an aspect ratio above 200."""
+    from calibrl.data import check_image as _check
 
-    if isinstance(image, dict) and ("bytes" in image or "path" in image):  # an undecoded datasets Image value
-        import io
-        image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"image[{index}]: expected a PIL image, got {type(image).__name__}")
-    w, h = image.size
-    if w < 1 or h < 1:
-        raise ValueError(f"image[{index}]: expected a non-empty image, got size {w}x{h}")
-    if max(w, h) / min(w, h) > MAX_ASPECT:
-        raise ValueError(f"image[{index}]: aspect ratio {w}x{h} exceeds {MAX_ASPECT}:1, which the processor rejects")
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        import numpy as np
-        a = np.asarray(image, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    try:
-        return image.convert("RGB")
-    except (ValueError, OSError) as e:
-        raise ValueError(f"image[{index}]: cannot convert mode {image.mode!r} to RGB: {e}") from e
+    return _check(image, label=f"image[{index}]", min_side=None, max_side=None)
 
 
 def _decode(policy: Any, ids: Sequence[int], eos_ids: set[int]) -> tuple[str, int]:
