@@ -87,7 +87,7 @@ def compare(*, budget: str = "smoke", model: str = "tiny", task: str | None = No
         raise ValueError(f"out/name: {root} already exists; pass --overwrite to replace it or --resume to continue")
     task_name = task or DEFAULT_TASK
     c0 = cfgs[0]
-    data = {s: make_dataset(task_name, c0.train_size, s) for s in seeds}
+    data = {s: make_dataset(task_name, c0.train_size, s, style=c0.expert_style) for s in seeds}
     eval_data = make_dataset(task_name, c0.eval_n, EVAL_SEED) if c0.eval_every else None
     torch.manual_seed(c0.seed)
     first = load_policy(model, lora=lora_config(c0), quantization=c0.quantization)

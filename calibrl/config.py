@@ -118,6 +118,10 @@ class TrainConfig:
     """None (full precision) or "4bit" (bitsandbytes NF4 + LoRA, for hub VLMs on a GPU; see calibrl.models)."""
     task: str | None = None
     """Task family for calibrl.tasks.make_dataset; None = calibrl.tasks.DEFAULT_TASK."""
+    expert_style: str = "expert"
+    """Style of the expert solutions the expert modes see: "expert" (long, off-policy chains of thought, the paper's
+    setting) or "policy" (the short style the warm start taught, i.e. an expert close to the policy, which makes
+    CalibRL's gate split tokens instead of sitting on one side)."""
     loss: LossConfig = field(default_factory=LossConfig)
     """Loss mode and knobs (LossConfig.preset(mode) gives each recipe)."""
     steps: int = 40
@@ -234,6 +238,8 @@ class TrainConfig:
         self.loss.validate()
         if self.quantization not in (None, "4bit"):
             raise ValueError(f"quantization: expected None or '4bit', got {self.quantization!r}")
+        if self.expert_style not in ("expert", "policy"):
+            raise ValueError(f"expert_style: expected 'expert' or 'policy', got {self.expert_style!r}")
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model: expected 'tiny', a path or a hub id, got {self.model!r}")
         ints = dict(steps=1, prompts_per_step=1, group_size=2, max_new_tokens=1, max_expert_tokens=2, ppo_epochs=1,

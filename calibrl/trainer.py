@@ -70,7 +70,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         task = cfg.task or DEFAULT_TASK
         if train_data is None:
-            train_data = make_dataset(task, cfg.train_size, cfg.seed)
+            train_data = make_dataset(task, cfg.train_size, cfg.seed, style=cfg.expert_style)
         if eval_data is None and cfg.eval_every:
             eval_data = make_dataset(task, cfg.eval_n, EVAL_SEED)
         torch.manual_seed(cfg.seed)  # same LoRA init for every mode of a seed

@@ -166,3 +166,16 @@ def test_prompt_order_depends_only_on_seed_and_step(tmp_path, data):
     assert order != [c.prompt_indices(s) for s in range(1, 9)]
     assert sorted(i for o in order for i in o) == list(range(16))
 
+
+
+def test_expert_style_picks_the_solutions_the_expert_modes_see(tmp_path):
+    from calibrl.tasks import DEFAULT_TASK, make_dataset
+
+    with pytest.raises(ValueError, match="expert_style"):
+        cfg_for(tmp_path, "calibrl", expert_style="gpt4o")
+    pol = tiny_policy(lora=True)
+    tr = Trainer(cfg_for(tmp_path, "calibrl", expert_style="policy", train_size=4), policy=pol)
+    short = make_dataset(DEFAULT_TASK, 4, 0, style="policy")["solution"]
+    long = make_dataset(DEFAULT_TASK, 4, 0, style="expert")["solution"]
+    assert tr.train_data["solution"] == short and short != long
+    assert json.loads((tr.run_dir / "config.json").read_text())["expert_style"] == "policy"
