@@ -9,16 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from calibrl import tasks
 from calibrl import evaluate as ev
 
 torch.set_num_threads(1)
-
-
-def _tasks():
-    tasks = pytest.importorskip("calibrl.tasks")
-    if not hasattr(tasks, "make_dataset"):
-        pytest.skip("calibrl.tasks.make_dataset not available yet")
-    return tasks
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +61,6 @@ def test_check_image_rejects_bad_inputs():
 
 # ------------------------------------------------------------------------------------------------------ scoring
 def test_evaluate_scores_scripted_completions(monkeypatch):
-    tasks = _tasks()
     data = tasks.make_dataset(tasks.DEFAULT_TASK, 3, 5)
     gold = [str(a) for a in data["answer"]]
     script = {  # prompt -> its 2 samples
@@ -93,7 +86,6 @@ def test_evaluate_scores_scripted_completions(monkeypatch):
 
 
 def test_evaluate_validates_arguments():
-    tasks = _tasks()
     data = tasks.make_dataset(tasks.DEFAULT_TASK, 2, 5)
     with pytest.raises(ValueError, match="n_samples"):
         ev.evaluate(object(), data, temperature=0.0, n_samples=2)
@@ -107,7 +99,6 @@ def test_evaluate_validates_arguments():
 def test_generate_completions_with_odd_images(tiny_dir):
     from calibrl.models import load_policy
 
-    _tasks()
     pol = load_policy(str(tiny_dir))
     imgs = [Image.new("RGBA", (1000, 30)), Image.new("P", (9, 9)), Image.new("I;16", (64, 48))]
     torch.manual_seed(0)
@@ -121,7 +112,6 @@ def test_generate_completions_with_odd_images(tiny_dir):
 
 
 def test_eval_command_writes_jsonl(tiny_dir, tmp_path, capsys):
-    tasks = _tasks()
     out = tmp_path / "answers.jsonl"
     rc = ev.run(_args("--model", str(tiny_dir), "--n", "2", "--samples-per-prompt", "2", "--max-new-tokens", "8",
                       "--out", str(out), "--seed", "7"))
@@ -139,7 +129,6 @@ def test_eval_command_writes_jsonl(tiny_dir, tmp_path, capsys):
 
 
 def test_eval_command_bad_inputs(tiny_dir, capsys):
-    _tasks()
     assert ev.run(_args("--model", "no-such-model", "--n", "1")) == 2
     assert '"tiny"' in capsys.readouterr().err
     assert ev.run(_args("--model", str(tiny_dir), "--task", "no-such-task", "--n", "1")) == 2

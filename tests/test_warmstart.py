@@ -8,16 +8,10 @@ import json
 import pytest
 import torch
 
+from calibrl import tasks
 from calibrl import warmstart as ws
 
 torch.set_num_threads(1)
-
-
-def _tasks():
-    tasks = pytest.importorskip("calibrl.tasks")
-    if not hasattr(tasks, "make_dataset"):
-        pytest.skip("calibrl.tasks.make_dataset not available yet")
-    return tasks
 
 
 def _args(*argv):
@@ -32,7 +26,6 @@ def test_lr_warmup_factor():
 
 
 def test_sft_batch_labels_only_the_completion():
-    tasks = _tasks()
     from calibrl.tiny import build_processor
 
     proc = build_processor()
@@ -59,7 +52,6 @@ def test_out_is_required_for_smoke_and_existing_out_is_protected(tmp_path, capsy
 
 
 def test_smoke_build(tmp_path, capsys):
-    _tasks()
     from calibrl.models import load_policy
 
     out = tmp_path / "tiny"

@@ -2,10 +2,12 @@
 import numpy as np
 import pytest
 
-pytest.importorskip("anywidget")  # plotly's FigureWidget needs it
+import torch
 
-from calibrl import figures as F  # noqa: E402
-from calibrl import widgets as Wd  # noqa: E402
+from calibrl import advantage as adv_mod
+from calibrl import figures as F
+from calibrl import history
+from calibrl import widgets as Wd
 
 
 def _z(trace):
@@ -56,8 +58,6 @@ def test_slope_explorer_rejects_bad_batch():
 
 
 def test_rarity_explorer_matches_group_advantages():
-    torch = pytest.importorskip("torch")
-    adv_mod = pytest.importorskip("calibrl.advantage")
     w = Wd.RarityExplorer(group_size=8, passes=2)
     for g, k in ((8, 2), (5, 1), (5, 5), (12, 0), (3, 2)):
         w.set_group(g, k)
@@ -99,7 +99,6 @@ def test_dashboard_update_appends_points():
 
 
 def test_dashboard_from_runs(tmp_path):
-    history = pytest.importorskip("calibrl.history")
     dirs = []
     for seed in (0, 1):
         h = history.History.create(tmp_path / f"calibrl-s{seed}", {"seed": seed, "loss": {"mode": "calibrl"}})
