@@ -100,6 +100,8 @@ def _sample_shared(model: Any, inputs: Inputs, group_size: int, *, max_new_token
                   pad_token_id: int, suppress_token_ids: Sequence[int], temperature: float = 1.0,
                   top_p: float = 1.0, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                       torch.Tensor]:
+    from calibrl.rollout import entropy_from_logp, sampler_log_softmax
+
     last, cache, pos = prompt_pass(model, inputs)
     n = last.shape[0] * group_size
     if group_size > 1:
@@ -111,17 +113,14 @@ def _sample_shared(model: Any, inputs: Inputs, group_size: int, *, max_new_token
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     toks, lps, ents, alive = [], [], [], []
     for k in range(max_new_tokens):
-        lp_all = logits.float()
-        if len(suppress_token_ids):
-            lp_all = lp_all.index_fill(-1, torch.as_tensor(list(suppress_token_ids), device=dev), float("-inf"))
-        lp_all = torch.log_softmax(lp_all / (1.0 if greedy else temperature), -1)
+        lp_all = sampler_log_softmax(logits, suppress_token_ids, 1.0 if greedy else temperature)
         if greedy:
             tok = lp_all.argmax(-1)
         else:
             tok = torch.multinomial(_filter_top_p(lp_all, top_p).exp(), 1).squeeze(1)
         tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
         lp = lp_all.gather(-1, tok[:, None]).squeeze(1)
-        ent = -(lp_all.exp() * torch.where(torch.isfinite(lp_all), lp_all, torch.zeros_like(lp_all))).sum(-1)
+        ent = entropy_from_logp(lp_all)
         toks.append(tok)
         lps.append(torch.where(done, torch.zeros_like(lp), lp))
         ents.append(torch.where(done, torch.zeros_like(ent), ent))

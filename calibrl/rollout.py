@@ -72,6 +72,23 @@ def select_rows(inputs: Inputs, rows: torch.Tensor | Sequence[int]) -> Inputs:
 
 
 # ------------------------------------------------------------------------------------------------------ log-probs
+def sampler_log_softmax(logits: torch.Tensor, suppress_token_ids: Sequence[int],
+                        temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs [..., V] of the distribution the sampler draws from: float32 logits, suppressed ids at -inf, divided
+    by temperature. The one definition used by sampling (calibrl.prefix) and by every teacher-forced forward, so the
+    trainer's log-probs are the sampler's (a mismatch silently turns RL off-policy)."""
+    z = logits.float()
+    if len(suppress_token_ids):
+        idx = torch.as_tensor(list(suppress_token_ids), dtype=torch.long, device=z.device)
+        z = z.index_fill(-1, idx, float("-inf"))
+    return torch.log_softmax(z / temperature, dim=-1)
+
+
+def entropy_from_logp(logp_all: torch.Tensor) -> torch.Tensor:
+    """Entropy over the last axis from log-probs; -inf entries (suppressed ids) contribute 0 instead of NaN."""
+    return -(logp_all.exp() * torch.where(torch.isfinite(logp_all), logp_all, torch.zeros_like(logp_all))).sum(-1)
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
                    suppress_token_ids: Sequence[int], temperature: float = 1.0,
                    return_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -85,20 +102,13 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
                          f"{tuple(targets.shape)}, {tuple(mask.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature}")
-    z = logits.float()
-    if len(suppress_token_ids):
-        idx = torch.as_tensor(list(suppress_token_ids), dtype=torch.long, device=z.device)
-        z = z.index_fill(-1, idx, float("-inf"))
-    z = z / temperature
-    logp_all = torch.log_softmax(z, dim=-1)
+    logp_all = sampler_log_softmax(logits, suppress_token_ids, temperature)
     m = mask.bool()
     logp = logp_all.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     logp = torch.where(m, logp, torch.zeros_like(logp))  # pads after EOS may be suppressed ids: -inf
     ent = None
     if return_entropy:
-        p = logp_all.exp()
-        finite = torch.where(torch.isfinite(logp_all), logp_all, torch.zeros_like(logp_all))
-        ent = -(p * finite).sum(-1)
+        ent = entropy_from_logp(logp_all)
         ent = torch.where(m, ent, torch.zeros_like(ent))
     return logp, ent
 
