@@ -29,7 +29,10 @@ def clean(value: Any) -> Any:
     raise ValueError(f"value: expected a JSON-able number, string, list or dict, got {type(value).__name__}")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSON-lines file ([] when it does not exist). A torn last line (a writer still appending, or a
+    crash mid-write) is dropped; a bad line anywhere else raises."""
+    path = Path(path)
     if not path.exists():
         return []
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -84,7 +87,7 @@ class History:
             raise ValueError(f"run_dir: expected {run_dir / HISTORY_FILE} to exist (not a run directory?)")
         cfg_path = run_dir / CONFIG_FILE
         config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        return cls(run_dir, config, _read_jsonl(run_dir / HISTORY_FILE))
+        return cls(run_dir, config, read_jsonl(run_dir / HISTORY_FILE))
 
     # ------------------------------------------------------------------------------------------------- writing
     def append(self, row: dict) -> dict:
@@ -111,7 +114,7 @@ class History:
         self.rows = [r for r in self.rows if r["step"] <= step]
         for name in (HISTORY_FILE, SAMPLES_FILE):
             path = self.run_dir / name
-            kept = [r for r in _read_jsonl(path) if r["step"] <= step]
+            kept = [r for r in read_jsonl(path) if r["step"] <= step]
             if path.exists():
                 path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
@@ -133,7 +136,7 @@ class History:
 
     def samples(self) -> list[dict]:
         """Rows of samples.jsonl."""
-        return _read_jsonl(self.run_dir / SAMPLES_FILE)
+        return read_jsonl(self.run_dir / SAMPLES_FILE)
 
     def column(self, key: str) -> list:
         """Values of `key` over steps (None where absent)."""

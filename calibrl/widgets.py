@@ -6,7 +6,6 @@ and exposes its callbacks (`set_slope`, `update`, ...), so it can be driven with
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -15,6 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from calibrl import figures as F
+from calibrl import history
 
 DASHBOARD_METRICS = ("reward_mean", "acc_mean", "entropy_mean", "entropy_passed", "entropy_failed", "entropy_expert",
                      "uniform_frac", "abs_adv_mean", "gate_weight_mean", "expert_gap_q50", "cov_logp_adv",
@@ -204,14 +204,6 @@ def _placeholder(title: str) -> go.Figure:
     return go.Figure(layout=dict(title=title, template="plotly_white", height=250))
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSON-lines file ([] when it does not exist)."""
-    p = Path(path)
-    if not p.exists():
-        return []
-    return [json.loads(ln) for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-
-
 class TrainingDashboard(_Widget):
     """Curves (a metric per step per mode, seed bands), the token-entropy heatmap of sampled responses, and gate
     activation by branch, over History rows. Live: pass `dash.update` as the trainer's `on_step` callback (with
@@ -266,7 +258,7 @@ class TrainingDashboard(_Widget):
         if samples is not None:
             self.samples.extend(samples)
         elif self.run_dir is not None:
-            self.samples = read_jsonl(self.run_dir / "samples.jsonl")
+            self.samples = history.read_jsonl(self.run_dir / "samples.jsonl")
         self.refresh()
 
     def refresh(self) -> None:
@@ -307,7 +299,7 @@ class TrainingDashboard(_Widget):
 def load_eval_rows(path: str | Path, step: int | str | None = None) -> list[dict]:
     """Eval JSONL rows (the `eval --out` / runs/<name>/eval.jsonl schema); `step` keeps rows of that step
     ("first", "last" or an int) when the rows carry one."""
-    rows = read_jsonl(path)
+    rows = history.read_jsonl(path)
     if not rows:
         raise ValueError(f"path: expected eval JSONL rows in {path}, found none")
     steps = sorted({r["step"] for r in rows if "step" in r})
