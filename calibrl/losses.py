@@ -17,7 +17,8 @@ from calibrl import _validate as V
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 WEIGHTS = ("abs-adv", "none")
 GAPS = ("token", "sequence", "mean-token")
-GATE_KEYS = ("gate_passed_below", "gate_passed_above", "gate_failed_above", "gate_failed_below", "gate_weight_mean")
+GATE_KEYS = ("gate_passed_below", "gate_passed_above", "gate_failed_above", "gate_failed_below", "gate_weight_mean",
+             "gate_tie_frac")
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
@@ -201,16 +202,30 @@ def gate_full_side(gap: torch.Tensor, passed: torch.Tensor) -> torch.Tensor:
     return torch.where(passed, gap < 0, gap > 0)
 
 
-def gate_fractions(full: torch.Tensor, mask: torch.Tensor, passed: torch.Tensor, slope: float) -> dict:
-    """Gate activation over the tokens in `mask` (bool [B,T]); full from gate_full_side, passed bool [B,1]/[B,T].
+def gate_fractions(gap: torch.Tensor, mask: torch.Tensor, passed: torch.Tensor, slope: float) -> dict:
+    """Gate activation over the tokens in `mask` (bool [B,T]); gap = logp - e ([B,T] per token or [B,1] per row),
+    passed bool [B,1]/[B,T]. The one definition behind calibrl_loss's info and probes.gate_activation.
 
-    gate_passed_below / gate_passed_above: share of passed-row tokens on the weight-1 / slope side;
-    gate_failed_above / gate_failed_below: share of failed-row tokens on the weight-1 / slope side;
-    gate_weight_mean: mean gate weight (1 or slope, without |A|) over all tokens. None where no such tokens."""
+    gate_tie_frac: share of the tokens with gap == 0 exactly (x = 0, e.g. a prefix shared with the expert);
+    gate_passed_below / gate_passed_above: share of passed-row non-tie tokens on the weight-1 / slope side;
+    gate_failed_above / gate_failed_below: share of failed-row non-tie tokens on the weight-1 / slope side;
+    gate_weight_mean: mean gate weight (1 or slope, without |A|) over all tokens, ties included (weight = slope,
+    the loss's own convention). None where no such tokens."""
     p = passed.expand_as(mask)
-    counts = torch.stack([(mask & p).sum(), (mask & p & full).sum(), (mask & ~p).sum(),
-                          (mask & ~p & full).sum()]).tolist()
+    full = mask & gate_full_side(gap, passed).expand_as(mask)             # [B,T] weight-1 side
+    tie = mask & (gap == 0).expand_as(mask)                               # [B,T] x = 0 exactly
+    counts = torch.stack([(mask & p).sum(), (full & p).sum(), (tie & p).sum(),
+                          (mask & ~p).sum(), (full & ~p).sum(), (tie & ~p).sum()]).tolist()
     return _gate_dict(*counts, slope)
+
+
+def _gate_dict(n_p: int, n_pf: int, n_pt: int, n_f: int, n_ff: int, n_ft: int, slope: float) -> dict:
+    """Fractions from counts: tokens / weight-1 side / ties, of passed (n_p*) and failed (n_f*) rows."""
+    frac = lambda k, tot: k / tot if tot else None
+    n, n_full = n_p + n_f, n_pf + n_ff
+    return {"gate_passed_below": frac(n_pf, n_p - n_pt), "gate_passed_above": frac(n_p - n_pt - n_pf, n_p - n_pt),
+            "gate_failed_above": frac(n_ff, n_f - n_ft), "gate_failed_below": frac(n_f - n_ft - n_ff, n_f - n_ft),
+            "gate_weight_mean": frac(n_full + slope * (n - n_full), n), "gate_tie_frac": frac(n_pt + n_ft, n)}
 
 
 def expert_baseline(expert_logp: torch.Tensor, T: int, expert_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -248,7 +263,8 @@ def calibrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, expert_logp: torch.
     Args: logp, old_logp, mask [B,T]; expert_logp [B,Te] (Te = T for the defaults; shorter is 0-padded, longer
     cut); adv [B] or [B,T]; passed [B] bool/{0,1}; slope in [0,1]; guide_coef >= 0.
     info: pg_loss, guide_loss (agg of l^guide, before guide_coef), loss, clipfrac, approx_kl, dualclip_frac,
-    and gate_passed_below/above, gate_failed_above/below, gate_weight_mean over all unmasked tokens.
+    and the gate shares of gate_fractions: gate_tie_frac (tokens with logp == e exactly), gate_passed_below/above,
+    gate_failed_above/below over the non-tie tokens, gate_weight_mean over all unmasked tokens.
 
     Deviations from the official code: none in the defaults' math, except (a) at t = L_e (the expert's EOS + 1)
     the official remove-padding path holds one junk log-prob; here it holds whatever expert_logp holds there
@@ -283,9 +299,9 @@ def calibrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, expert_logp: torch.
     if gap == "token":
         e = expert_baseline(expert_logp, T, em).to(dt)                     # [B,T] e_t, detached
         V.finite_sum(e, "expert_logp", masked=em is not None)
-        x = neg_s * (logp_m - e)                                           # [B,T] -s (logp - e_t)
+        gap_t = logp_m - e                                                 # [B,T] logp - e_t
+        x = neg_s * gap_t                                                  # [B,T] -s (logp - e_t)
         guide_mat = w * F.leaky_relu(x, slope)                             # [B,T]
-        full_rows = ((x > 0) & m).sum(-1)                                  # [B] tokens on the weight-1 side
     else:
         e = expert_logp.detach().to(dt)
         ef = em.to(dt) if em is not None else torch.ones_like(e)
@@ -295,32 +311,18 @@ def calibrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, expert_logp: torch.
         if gap == "mean-token":
             pol_seq = pol_seq / n_tok.clamp(min=1)
             exp_seq = exp_seq / ef.sum(-1).clamp(min=1)
-        x = neg_s * (pol_seq - exp_seq)[:, None]                           # [B,1] -s Delta_i
+        gap_t = (pol_seq - exp_seq)[:, None]                               # [B,1] Delta_i
+        x = neg_s * gap_t                                                  # [B,1] -s Delta_i
         w_row = (w.sum(-1) / n_tok.clamp(min=1))[:, None]                  # [B,1] row mean of |A| (or 1)
         row_loss = w_row * F.leaky_relu(x, slope)                          # [B,1] L_i
         guide_mat = (row_loss / n_tok.clamp(min=1)[:, None]) * mf          # [B,T] L_i / n_i on row i's tokens
-        full_rows = torch.where(x[:, 0] > 0, n_tok, 0)                     # [B]
     pg = _agg(pg_mat, m, agg, norm_len, n_tok)                             # scalar
     guide = _agg(guide_mat, m, agg, norm_len, n_tok)                       # scalar
     loss = pg + guide_coef * guide
     info = _floats({"pg_loss": pg, "guide_loss": guide, "loss": loss, **stats})
-    info.update(_gate_counts(full_rows, n_tok, p[:, 0], slope))
+    with torch.no_grad():
+        info.update(gate_fractions(gap_t, m, p, slope))
     return loss, info
-
-
-def _gate_counts(full_rows: torch.Tensor, n_tok: torch.Tensor, passed: torch.Tensor, slope: float) -> dict:
-    """Gate fractions from per-row counts: tokens on the weight-1 side [B], tokens [B], passed [B] bool."""
-    c = torch.stack([torch.where(passed, n_tok, 0).sum(), torch.where(passed, full_rows, 0).sum(),
-                     torch.where(passed, 0, n_tok).sum(), torch.where(passed, 0, full_rows).sum()]).tolist()
-    return _gate_dict(*c, slope)
-
-
-def _gate_dict(n_p: int, n_pf: int, n_f: int, n_ff: int, slope: float) -> dict:
-    frac = lambda k, tot: k / tot if tot else None
-    n = n_p + n_f
-    return {"gate_passed_below": frac(n_pf, n_p), "gate_passed_above": frac(n_p - n_pf, n_p),
-            "gate_failed_above": frac(n_ff, n_f), "gate_failed_below": frac(n_f - n_ff, n_f),
-            "gate_weight_mean": frac((n_pf + n_ff) + slope * (n - n_pf - n_ff), n)}
 
 
 from calibrl.losses_hybrid import luffy_loss, rlplus_loss  # noqa: E402  (re-export)

@@ -156,10 +156,11 @@ def gate_activation(logp: torch.Tensor, expert_logp: torch.Tensor, mask: torch.T
                     expert_mask: Optional[torch.Tensor] = None) -> dict:
     """Which side of CalibRL's LeakyReLU each on-policy token falls on (token gap, e_t as in calibrl_loss).
 
-    gate_passed_below / gate_passed_above: share of passed-row tokens with logp < e_t (weight 1) / >= e_t (slope);
-    gate_failed_above / gate_failed_below: share of failed-row tokens with logp > e_t (weight 1) / <= e_t (slope);
-    gate_weight_mean: mean gate weight (1 or slope). rows [B] bool selects rows (pass the rows of non-uniform
-    groups for the contract's definition). With adv [B], also guide_weight_mean: mean |A| x gate weight (the
+    gate_tie_frac: share of tokens with logp == e_t exactly (x = 0; they get the slope weight in the loss);
+    gate_passed_below / gate_passed_above: share of passed-row non-tie tokens with logp < e_t (weight 1) / > e_t;
+    gate_failed_above / gate_failed_below: share of failed-row non-tie tokens with logp > e_t (weight 1) / < e_t;
+    gate_weight_mean: mean gate weight (1 or slope) over all tokens, ties included. rows [B] bool selects rows
+    (pass the rows of non-uniform groups for the contract's definition). With adv [B], also guide_weight_mean: mean |A| x gate weight (the
     effective token weight of the guidance term). Same definitions as calibrl_loss's info (shared code)."""
     V.float_tensor(logp, "logp", ndim=2, check_finite=False)
     m = V.mask(mask, "mask", logp.shape, allow_empty=True)
@@ -174,10 +175,12 @@ def gate_activation(logp: torch.Tensor, expert_logp: torch.Tensor, mask: torch.T
     V.number(slope, "slope", lo=0.0, hi=1.0)
     if rows is not None:
         m = m & V.binary(V.tensor(rows, "rows", shape=(logp.shape[0],), like="logp rows"), "rows")[:, None]
-    e = expert_baseline(expert_logp, logp.shape[1], em)
-    full = gate_full_side(torch.where(m, logp, 0.0) - e, p)
-    out = gate_fractions(full, m, p, float(slope))
+    dt = torch.float32 if logp.dtype in (torch.float16, torch.bfloat16) else logp.dtype   # as calibrl_loss
+    e = expert_baseline(expert_logp, logp.shape[1], em).to(dt)
+    gap = torch.where(m, logp, 0.0).to(dt) - e                            # [B,T] logp - e_t (as calibrl_loss)
+    out = gate_fractions(gap, m, p, float(slope))
     if adv is not None:
+        full = gate_full_side(gap, p)
         V.float_tensor(adv, "adv", shape=(logp.shape[0],), like="logp rows")
         w = adv.abs()[:, None] * torch.where(full, 1.0, float(slope))
         out["guide_weight_mean"] = _masked_mean(w, m)

@@ -9,7 +9,8 @@ from typing import Any, Sequence
 
 import torch
 
-GATE_KEYS = ("gate_passed_below", "gate_passed_above", "gate_failed_above", "gate_failed_below", "gate_weight_mean")
+from calibrl.losses import GATE_KEYS
+
 GAP_KEYS = ("expert_gap_q10", "expert_gap_q50", "expert_gap_q90", "expert_past_end_frac")
 
 

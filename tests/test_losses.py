@@ -127,6 +127,44 @@ def test_calibrl_token_gap_hand_values():
     torch.testing.assert_close(logp.grad, want)
 
 
+def test_gate_ties_counted_apart_and_left_out_of_the_shares():
+    # passed row gaps (logp - e) [0, -1, 0.5, 0]; failed row gaps [0, -2, 1, 3]: 3 ties of 8 tokens
+    e = torch.full((2, 4), -1.0)
+    logp = (e + torch.tensor([[0.0, -1.0, 0.5, 0.0], [0.0, -2.0, 1.0, 3.0]])).requires_grad_(True)
+    mask, passed, adv = torch.ones(2, 4), torch.tensor([1, 0]), torch.tensor([1.0, -1.0])
+    loss, info = calibrl_loss(logp, logp.detach(), e, adv, mask, passed, slope=0.5, guide_coef=0.1)
+    assert info["gate_tie_frac"] == pytest.approx(3 / 8)
+    assert info["gate_passed_below"] == pytest.approx(1 / 2) and info["gate_passed_above"] == pytest.approx(1 / 2)
+    assert info["gate_failed_above"] == pytest.approx(2 / 3) and info["gate_failed_below"] == pytest.approx(1 / 3)
+    assert info["gate_weight_mean"] == pytest.approx((3 + 0.5 * 5) / 8)       # ties keep the slope weight
+    # loss and gradient as before: x = -s gap = [0, 1, -.5, 0] and [0, -2, 1, 3]; leaky -> sum 3.75; pg = 0
+    assert info["guide_loss"] == pytest.approx(3.75 / 8) and float(loss.detach()) == pytest.approx(0.1 * 3.75 / 8)
+    loss.backward()
+    want = torch.tensor([[-1 - 0.1 * 0.5, -1 - 0.1, -1 - 0.1 * 0.5, -1 - 0.1 * 0.5],
+                         [1 + 0.1 * 0.5, 1 + 0.1 * 0.5, 1 + 0.1, 1 + 0.1]]) / 8   # d/dlogp; leaky'(0) = slope
+    assert torch.allclose(logp.grad, want)
+    from calibrl import probes
+    gate = probes.gate_activation(logp.detach(), e, mask, passed, 0.5)
+    assert {k: gate[k] for k in losses.GATE_KEYS} == pytest.approx({k: info[k] for k in losses.GATE_KEYS})
+
+
+def test_gate_ties_sequence_gap():
+    # passed row: Delta = -2 - (-2) = 0 (both tokens tie); failed row: Delta = -2 - (-3) = 1 (weight-1 side)
+    logp = torch.full((2, 2), -1.0)
+    e = torch.tensor([[-0.5, -1.5], [-1.0, -2.0]])
+    _, info = calibrl_loss(logp, logp, e, torch.tensor([1.0, -1.0]), torch.ones(2, 2), torch.tensor([1, 0]),
+                           gap="sequence")
+    assert info["gate_tie_frac"] == pytest.approx(0.5)
+    assert info["gate_passed_below"] is None and info["gate_passed_above"] is None
+    assert info["gate_failed_above"] == pytest.approx(1.0) and info["gate_failed_below"] == pytest.approx(0.0)
+    assert info["gate_weight_mean"] == pytest.approx((2 + 0.5 * 2) / 4)
+
+
+def test_one_gate_keys_constant():
+    from calibrl import stepstats
+    assert stepstats.GATE_KEYS is losses.GATE_KEYS and "gate_tie_frac" in losses.GATE_KEYS
+
+
 def test_calibrl_weight_none_slope_and_coef():
     _, _, info = _calib(adv=(2.0, -0.5))
     assert info["guide_loss"] == pytest.approx((2.0 * 0.75 + 0.5 * 0.0) / 4)

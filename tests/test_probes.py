@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from calibrl import probes
-from calibrl.losses import calibrl_loss, policy_loss
+from calibrl.losses import GATE_KEYS, calibrl_loss, policy_loss
 
 
 def ref_entropy(logits):
@@ -82,12 +82,14 @@ def test_gate_activation_matches_loss_info_and_selects_rows():
     passed, adv = torch.tensor([1, 0, 1, 0]), torch.tensor([0.5, -0.5, 1.0, -1.0])
     _, info = calibrl_loss(logp, logp, e, adv, mask, passed, slope=0.3)
     gate = probes.gate_activation(logp, e, mask, passed, 0.3)
-    for k in ("gate_passed_below", "gate_passed_above", "gate_failed_above", "gate_failed_below",
-              "gate_weight_mean"):
+    for k in GATE_KEYS:
         assert gate[k] == pytest.approx(info[k])
     one = probes.gate_activation(torch.tensor([[-2.0, -0.5, -1.0]]), torch.full((1, 3), -1.0), torch.ones(1, 3),
                                  torch.tensor([1]), 0.5, adv=torch.tensor([2.0]))
-    assert one["gate_passed_below"] == pytest.approx(1 / 3) and one["gate_passed_above"] == pytest.approx(2 / 3)
+    # the third token ties (logp == e): counted in gate_tie_frac, left out of the shares, slope weight in the mean
+    assert one["gate_tie_frac"] == pytest.approx(1 / 3)
+    assert one["gate_passed_below"] == pytest.approx(1 / 2) and one["gate_passed_above"] == pytest.approx(1 / 2)
+    assert one["gate_weight_mean"] == pytest.approx((1 + 0.5 + 0.5) / 3)
     assert one["gate_failed_above"] is None and one["guide_weight_mean"] == pytest.approx(2 * (1 + 0.5 + 0.5) / 3)
     sel = probes.gate_activation(logp, e, mask, passed, 0.3, rows=torch.tensor([1, 1, 0, 0]))
     only = probes.gate_activation(logp[:2], e[:2], mask[:2], passed[:2], 0.3)
