@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("calibrl.report", "rebuild the HTML report from saved runs"),
     "eval": ("calibrl.evaluate", "sample answers from a model and print format rate and accuracy"),
     "build-tiny": ("calibrl.warmstart", "build and warm-start the embedded tiny Qwen2.5-VL"),
+    "sweep": ("calibrl.sweep", "many (arm, seed) runs in parallel processes, resumable, with CIs over seeds"),
 }
 
 

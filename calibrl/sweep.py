@@ -1,0 +1,292 @@
+"""`python -m calibrl sweep SPEC`: many (arm, seed) runs, each its own process with one torch thread, resumable, then
+a summary with confidence intervals over seeds and paired differences against the baseline arm.
+
+    python -m calibrl sweep assets/study/spec.json --out runs/study --workers 2     # run (or continue) the study
+    python -m calibrl sweep assets/study/spec.json --out assets/study --summarize-only  # rebuild the summary
+
+A spec is a JSON file:
+
+    {"name": "...", "budget": "small", "baseline": "grpo", "seeds": 16,
+     "base": {"steps": 250, "eval_every": 50, ...},           # TrainConfig/LossConfig overrides for every arm
+     "arms": [{"name": "grpo", "set": {"mode": "grpo"}},
+              {"name": "calibrl-a0.3", "set": {"mode": "calibrl", "slope": 0.3}, "seeds": 8, "role": "secondary"}],
+     "metrics": {...}}                                          # optional: see calibrl.sweep_summary.METRICS
+
+Runs go to OUT/<arm>/s<seed>/ (the same trainer and files as `compare`). Resuming: a finished run (last history
+step == steps and the final evaluation written) is skipped; an interrupted run continues from its checkpoint; an
+interrupted run without a checkpoint is moved aside to OUT/<arm>/s<seed>.partial-<time>/ (never deleted) and
+restarted. Runs are scheduled seed-major (seed 0 of every primary arm, then seed 1, ...) so a partial sweep stays
+balanced across arms. At the end OUT/summary.json, summary.md and report.html (offline) are written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SPEC_KEYS = {"name", "budget", "baseline", "seeds", "base", "arms", "metrics", "description", "last_frac"}
+ARM_KEYS = {"name", "set", "seeds", "role", "description"}
+ROLES = ("pilot", "primary", "secondary")
+"""Scheduling order: pilot arms (e.g. to choose a coefficient) run first, then primary, then secondary."""
+
+
+@dataclass
+class Arm:
+    """One arm: a name (a single path component), overrides on top of the spec's base, its seeds and role."""
+
+    name: str
+    overrides: dict[str, Any]
+    seeds: list[int]
+    role: str = "primary"  # one of ROLES
+    description: str = ""
+
+
+@dataclass
+class Spec:
+    name: str
+    budget: str
+    baseline: str
+    base: dict[str, Any]
+    arms: list[Arm]
+    last_frac: float = 0.2
+    description: str = ""
+    path: Path | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def arm(self, name: str) -> Arm:
+        return next(a for a in self.arms if a.name == name)
+
+
+def _seeds(value: Any, where: str) -> list[int]:
+    if isinstance(value, bool) or not isinstance(value, (int, list)):
+        raise ValueError(f"{where}: expected a count (int) or a list of ints, got {value!r}")
+    seeds = list(range(value)) if isinstance(value, int) else value
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise ValueError(f"{where}: expected distinct non-negative int seeds, got {value!r}")
+    return list(seeds)
+
+
+def _component(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0:") \
+            or name.startswith("."):
+        raise ValueError(f"{where}: expected a plain name (one path component, no '/', '..'), got {name!r}")
+    return name
+
+
+def load_spec(path: str | os.PathLike) -> Spec:
+    """Read and check a spec file; every arm's config is built (and validated) once here."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"spec: {path} not found") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"spec: {path} line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"spec: {path}: expected a JSON object")
+    unknown = set(raw) - SPEC_KEYS
+    if unknown:
+        raise ValueError(f"spec: {path}: unknown keys {sorted(unknown)} (known: {sorted(SPEC_KEYS)})")
+    for key in ("name", "arms"):
+        if key not in raw:
+            raise ValueError(f"spec: {path}: missing {key!r}")
+    default_seeds = _seeds(raw.get("seeds", 3), "spec.seeds")
+    arms = []
+    for i, a in enumerate(raw["arms"]):
+        where = f"spec.arms[{i}]"
+        if not isinstance(a, dict) or "name" not in a:
+            raise ValueError(f"{where}: expected an object with a 'name'")
+        if set(a) - ARM_KEYS:
+            raise ValueError(f"{where}: unknown keys {sorted(set(a) - ARM_KEYS)} (known: {sorted(ARM_KEYS)})")
+        role = a.get("role", "primary")
+        if role not in ROLES:
+            raise ValueError(f"{where}.role: expected one of {ROLES}, got {role!r}")
+        overrides = a.get("set", {})
+        if not isinstance(overrides, dict):
+            raise ValueError(f"{where}.set: expected an object of TrainConfig/LossConfig overrides")
+        arms.append(Arm(_component(a["name"], f"{where}.name"), dict(overrides),
+                        _seeds(a["seeds"], f"{where}.seeds") if "seeds" in a else default_seeds, role,
+                        a.get("description", "")))
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"spec.arms: expected distinct arm names, got {names}")
+    baseline = raw.get("baseline", names[0])
+    if baseline not in names:
+        raise ValueError(f"spec.baseline: expected one of the arm names {names}, got {baseline!r}")
+    base = raw.get("base", {})
+    if not isinstance(base, dict):
+        raise ValueError("spec.base: expected an object of TrainConfig/LossConfig overrides")
+    last_frac = raw.get("last_frac", 0.2)
+    if isinstance(last_frac, bool) or not isinstance(last_frac, (int, float)) or not 0 < last_frac <= 1:
+        raise ValueError(f"spec.last_frac: expected a number in (0, 1], got {last_frac!r}")
+    spec = Spec(_component(raw["name"], "spec.name"), raw.get("budget", "small"), baseline, base, arms,
+                float(last_frac), raw.get("description", ""), path, raw)
+    for arm in arms:
+        config_for(spec, arm, arm.seeds[0])  # validates the overrides
+    return spec
+
+
+def config_for(spec: Spec, arm: Arm, seed: int):
+    """The TrainConfig of one (arm, seed): budget, then the spec's base, then the arm's overrides."""
+    from calibrl.config import TrainConfig
+
+    kw = {**spec.base, **arm.overrides, "seed": seed, "name": f"{arm.name}-s{seed}", "threads": 1}
+    try:
+        return TrainConfig.from_budget(spec.budget, **kw)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"spec arm {arm.name!r}: {err}") from None
+
+
+def run_dir(out: Path, arm: Arm, seed: int) -> Path:
+    return out / arm.name / f"s{seed}"
+
+
+def run_state(path: Path, steps: int) -> str:
+    """"done" (all steps and the final evaluation written), "resumable" (a checkpoint), "orphan" (rows but no
+    checkpoint) or "new"."""
+    from calibrl.history import read_jsonl
+
+    hist = path / "history.jsonl"
+    if not hist.exists():
+        return "new" if not path.exists() or not any(path.iterdir()) else "orphan"
+    rows = read_jsonl(hist)
+    if rows and rows[-1].get("step") == steps and (path / "checkpoint").exists():
+        return "done"
+    if (path / "checkpoint").exists():
+        return "resumable"
+    return "orphan" if rows or any(p.name != "config.json" and p.name != "history.jsonl" for p in path.iterdir()) \
+        else "new"
+
+
+def plan(spec: Spec, out: Path, roles: tuple[str, ...] = ROLES) -> list[tuple[Arm, int]]:
+    """(arm, seed) pairs in ROLES order, seed-major within each role."""
+    order = []
+    for role in roles:
+        arms = [a for a in spec.arms if a.role == role]
+        for seed in sorted({s for a in arms for s in a.seeds}):
+            order += [(a, seed) for a in arms if seed in a.seeds]
+    return order
+
+
+# ------------------------------------------------------------------------------------------------------- running
+def _launch(spec: Spec, arm: Arm, seed: int, out: Path) -> tuple[subprocess.Popen, Path]:
+    path = run_dir(out, arm, seed)
+    steps = config_for(spec, arm, seed).steps
+    state = run_state(path, steps)
+    if state == "orphan":  # nothing to resume from: keep what is there, start afresh
+        aside = path.with_name(f"{path.name}.partial-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(aside)
+        state = "new"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log_dir = out / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    job = {"spec": str(spec.path.resolve()), "arm": arm.name, "seed": seed, "run_dir": str(path.resolve()),
+           "resume": state == "resumable"}
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    log = open(log_dir / f"{arm.name}-s{seed}.log", "a", encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "calibrl.sweep", "--_job", json.dumps(job)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    log.close()
+    return proc, path
+
+
+def _job(job: dict) -> int:
+    """Worker entry: one (arm, seed) run in this process."""
+    import torch
+
+    from calibrl.trainer import train
+
+    torch.set_num_threads(1)
+    spec = load_spec(job["spec"])
+    cfg = config_for(spec, spec.arm(job["arm"]), int(job["seed"]))
+    print(f"[sweep] {job['arm']} seed {job['seed']} -> {job['run_dir']} (resume={job['resume']})", flush=True)
+    train(cfg, resume=bool(job["resume"]), run_dir=job["run_dir"])
+    return 0
+
+
+def run_sweep(spec: Spec, out: str | os.PathLike, *, workers: int | None = None,
+              roles: tuple[str, ...] = ROLES, progress: bool = True) -> dict:
+    """Run every pending (arm, seed) of `spec` under `out` with `workers` processes; returns {"done", "failed"}."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    workers = workers or os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
+    todo = plan(spec, out, roles)
+    steps = {a.name: config_for(spec, a, a.seeds[0]).steps for a in spec.arms}
+    pending = [(a, s) for a, s in todo if run_state(run_dir(out, a, s), steps[a.name]) != "done"]
+    bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc=f"sweep {spec.name}", unit="run",
+               disable=not progress, mininterval=1.0 if sys.stderr.isatty() else 60.0)
+    running: list[tuple[subprocess.Popen, Arm, int]] = []
+    failed = []
+    while pending or running:
+        while pending and len(running) < workers:
+            arm, seed = pending.pop(0)
+            proc, _ = _launch(spec, arm, seed, out)
+            running.append((proc, arm, seed))
+        time.sleep(1.0)
+        for item in list(running):
+            proc, arm, seed = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if proc.returncode != 0:
+                failed.append(f"{arm.name}-s{seed}")
+                bar.write(f"failed: {arm.name} seed {seed} (exit {proc.returncode}; see {out}/logs/)")
+            bar.update(1)
+        now = " ".join(f"{a.name}:s{s}" for _, a, s in running)
+        if now != bar.postfix:
+            bar.set_postfix_str(now)
+    bar.close()
+    return {"done": len(todo) - len(failed), "failed": failed}
+
+
+# ----------------------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Command-line options of `sweep`."""
+    parser.add_argument("spec", help="spec JSON file (arms, seeds, steps; see calibrl.sweep)")
+    parser.add_argument("--out", default=None, help="output directory (default runs/<spec name>)")
+    parser.add_argument("--workers", type=int, default=None, help="parallel runs, one torch thread each "
+                                                                  "(default: number of CPU cores)")
+    parser.add_argument("--role", choices=("all",) + ROLES, default="all",
+                        help="run only the arms of one role (default all: pilot, then primary, then secondary)")
+    parser.add_argument("--summarize-only", action="store_true", help="rebuild summary.json/.md and report.html "
+                                                                      "from the runs already in --out")
+    parser.add_argument("--export", default=None, metavar="DIR",
+                        help="after summarizing, copy the compact run files (config, history, last eval and samples) "
+                             "to DIR/<arm>/s<seed>/ for shipping; checkpoints and adapters are not copied")
+
+
+def run(args: argparse.Namespace) -> int:
+    from calibrl import sweep_summary
+
+    spec = load_spec(args.spec)
+    out = Path(args.out) if args.out else Path("runs") / spec.name
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} exists and is not a directory")
+    status = {"failed": []}
+    if not args.summarize_only:
+        roles = ROLES if args.role == "all" else (args.role,)
+        status = run_sweep(spec, out, workers=args.workers, roles=roles)
+    summary = sweep_summary.write_summary(spec, out)
+    print(f"summary: {out / 'summary.md'} ({summary['n_runs']} runs)")
+    if args.export:
+        n = sweep_summary.export_runs(spec, out, Path(args.export))
+        print(f"exported {n} runs to {args.export}")
+    return 1 if status["failed"] else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--_job":
+        sys.exit(_job(json.loads(sys.argv[2])))
+    from calibrl.cli import main
+
+    sys.exit(main(["sweep", *sys.argv[1:]]))

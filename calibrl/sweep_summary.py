@@ -1,0 +1,222 @@
+"""Summaries of a sweep (calibrl.sweep): pre-declared per-run metrics, mean ± 95% CI per arm over seeds, paired
+differences against the baseline arm, and the files summary.json, summary.md and report.html (offline).
+
+Per-run metrics are fixed before looking at results (METRICS): final held-out greedy accuracy and pass@k, the
+final held-out format rate, and means over the last `last_frac` (default 20%) of RL steps of the training entropy,
+format rate, accuracy, uniform-group fraction and KL to the start policy; plus the gate probes that explain them
+(averaged over all steps: share of passed / failed tokens on the weight-1 side, ties, median logp - e_t).
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from calibrl.stats import fmt_ci, mean_ci, paired_diff
+
+# name -> (history column, how, label); how: "final" (last row that has it), "last" (mean over the last
+# last_frac of steps), "all" (mean over all steps)
+METRICS: dict[str, tuple[str, str, str]] = {
+    "final_greedy_acc": ("eval_greedy_acc", "final", "final greedy accuracy (held-out)"),
+    "final_pass_at_k": ("eval_pass_at_k", "final", "final pass@k (held-out)"),
+    "final_format": ("eval_format_rate", "final", "final greedy format rate (held-out)"),
+    "entropy_last": ("entropy_mean", "last", "entropy, last 20% of steps"),
+    "train_acc_last": ("acc_mean", "last", "training accuracy, last 20%"),
+    "format_last": ("format_rate", "last", "training format rate, last 20%"),
+    "uniform_last": ("uniform_frac", "last", "uniform-group fraction, last 20%"),
+    "kl_last": ("kl_to_start", "last", "KL to the start policy, last 20%"),
+    "gate_passed_below": ("gate_passed_below", "all", "passed tokens on the weight-1 side (all steps)"),
+    "gate_failed_above": ("gate_failed_above", "all", "failed tokens on the weight-1 side (all steps)"),
+    "gate_tie_frac": ("gate_tie_frac", "all", "tokens with logp = e_t exactly (all steps)"),
+    "expert_gap_q50": ("expert_gap_q50", "all", "median logp − e_t (all steps)"),
+}
+PRIMARY_METRICS = ("final_greedy_acc", "final_pass_at_k", "entropy_last", "format_last", "uniform_last", "kl_last")
+CURVES = (("entropy_mean", "entropy"), ("acc_mean", "training accuracy"), ("eval_greedy_acc", "held-out greedy acc"),
+          ("uniform_frac", "uniform groups"))
+RANGES = {"entropy_mean": (0.0, None), "kl_to_start": (0.0, None)}  # others are fractions in [0, 1]
+
+
+def run_metrics(rows: list[dict], steps: int, last_frac: float) -> dict[str, float | None]:
+    """The METRICS of one run's history rows."""
+    cut = steps - max(1, round(last_frac * steps))
+    out: dict[str, float | None] = {}
+    for name, (col, how, _) in METRICS.items():
+        vals = [(r["step"], r.get(col)) for r in rows if r.get(col) is not None]
+        if how == "final":
+            out[name] = float(vals[-1][1]) if vals and vals[-1][0] == steps else None
+        else:
+            sel = [v for s, v in vals if how == "all" or s > cut]
+            out[name] = sum(sel) / len(sel) if sel else None
+    return out
+
+
+def collect(spec: Any, out: Path) -> dict[str, dict[int, dict]]:
+    """{arm: {seed: {"metrics", "steps_done", "rows"}}} for the finished runs under `out` (unfinished runs are
+    listed with steps_done < steps and no metrics)."""
+    from calibrl.history import read_jsonl
+    from calibrl.sweep import config_for, run_dir
+
+    res: dict[str, dict[int, dict]] = {}
+    for arm in spec.arms:
+        res[arm.name] = {}
+        for seed in arm.seeds:
+            path = run_dir(out, arm, seed)
+            rows = read_jsonl(path / "history.jsonl") if (path / "history.jsonl").exists() else []
+            if not rows:
+                continue
+            steps = config_for(spec, arm, seed).steps
+            done = rows[-1]["step"] == steps
+            res[arm.name][seed] = {"steps_done": rows[-1]["step"], "rows": rows,
+                                   "metrics": run_metrics(rows, steps, spec.last_frac) if done else None}
+    return res
+
+
+def summarize(spec: Any, out: Path) -> dict:
+    """Per arm: n finished seeds, mean ± CI of each metric, paired difference vs the baseline arm."""
+    runs = collect(spec, out)
+    base = {s: r["metrics"] for s, r in runs[spec.baseline].items() if r["metrics"]}
+    arms = {}
+    for arm in spec.arms:
+        fin = {s: r["metrics"] for s, r in runs[arm.name].items() if r["metrics"]}
+        entry = {"role": arm.role, "description": arm.description, "overrides": arm.overrides,
+                 "seeds_planned": arm.seeds, "seeds_done": sorted(fin),
+                 "seeds_partial": sorted(s for s, r in runs[arm.name].items() if not r["metrics"]),
+                 "metrics": {m: mean_ci([v[m] for v in fin.values()]) for m in METRICS}}
+        if arm.name != spec.baseline:
+            entry["vs_baseline"] = {m: paired_diff({s: v[m] for s, v in fin.items()},
+                                                   {s: v[m] for s, v in base.items()}) for m in METRICS}
+        entry["runs"] = {str(s): v for s, v in fin.items()}
+        arms[arm.name] = entry
+    return {"spec": spec.name, "budget": spec.budget, "baseline": spec.baseline, "base": spec.base,
+            "last_frac": spec.last_frac, "metrics": {k: v[2] for k, v in METRICS.items()}, "arms": arms,
+            "n_runs": sum(len(a["seeds_done"]) for a in arms.values()), "_runs": runs}
+
+
+def _table(summary: dict, metrics: tuple[str, ...], diff: bool) -> list[str]:
+    head = "| arm | seeds | " + " | ".join(METRICS[m][2] for m in metrics) + " |"
+    lines = [head, "|" + "---|" * (len(metrics) + 2)]
+    for name, a in summary["arms"].items():
+        if diff and "vs_baseline" not in a:
+            continue
+        cells = [fmt_ci(a["vs_baseline"][m] if diff else a["metrics"][m]) for m in metrics]
+        lines.append(f"| {name} | {len(a['seeds_done'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def to_markdown(summary: dict) -> str:
+    """summary.md: the per-arm table (mean ± 95% t-interval over seeds) and the paired differences."""
+    gate = ("gate_passed_below", "gate_failed_above", "gate_tie_frac", "expert_gap_q50")
+    partial = {n: a["seeds_partial"] for n, a in summary["arms"].items() if a["seeds_partial"]}
+    lines = [f"# Sweep `{summary['spec']}`", "",
+             f"Budget `{summary['budget']}` with {json.dumps(summary['base'])}; baseline arm `{summary['baseline']}`. "
+             f"Mean ± 95% t-interval over finished seeds; differences are paired by seed (arm − baseline).", "",
+             "## Per arm", "", *_table(summary, PRIMARY_METRICS, False), "",
+             "## Paired difference against the baseline", "", *_table(summary, PRIMARY_METRICS, True), "",
+             "## Gate probes (what CalibRL's gate does; counterfactual for arms without the guidance term)", "",
+             *_table(summary, gate, False), ""]
+    if partial:
+        lines += ["Unfinished runs (not in the tables): " + "; ".join(f"{n}: seeds {s}" for n, s in partial.items()),
+                  ""]
+    return "\n".join(lines)
+
+
+def write_summary(spec: Any, out: Path) -> dict:
+    """Write OUT/summary.json, summary.md and report.html; returns the summary (without the raw rows)."""
+    summary = summarize(spec, out)
+    runs = summary.pop("_runs")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    _write_atomic(out / "summary.md", to_markdown(summary))
+    _write_atomic(out / "report.html", to_html(summary, runs))
+    return summary
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def to_html(summary: dict, runs: dict) -> str:
+    """Offline report: the tables and one curve figure per CURVES metric (mean ± CI band per arm, clamped)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from calibrl.stats import mean_ci as ci
+
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[t for _, t in CURVES], vertical_spacing=0.12)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
+    for k, (name, arm_runs) in enumerate(runs.items()):
+        color = palette[k % len(palette)]
+        for j, (col, _) in enumerate(CURVES):
+            by_step: dict[int, list[float]] = {}
+            for r in arm_runs.values():
+                if r["metrics"] is None:
+                    continue
+                for row in r["rows"]:
+                    if row.get(col) is not None:
+                        by_step.setdefault(row["step"], []).append(row[col])
+            if not by_step:
+                continue
+            steps = sorted(by_step)
+            stats = [ci(by_step[s]) for s in steps]
+            lo_clip, hi_clip = RANGES.get(col, (0.0, 1.0))
+            clamp = lambda v: None if v is None else min(max(v, lo_clip), hi_clip if hi_clip is not None else v)
+            mean = [s["mean"] for s in stats]
+            lo = [clamp(s["lo"] if s["lo"] is not None else s["mean"]) for s in stats]
+            hi = [clamp(s["hi"] if s["hi"] is not None else s["mean"]) for s in stats]
+            pos = dict(row=j // 2 + 1, col=j % 2 + 1)
+            fig.add_scatter(x=steps + steps[::-1], y=hi + lo[::-1], fill="toself", line=dict(width=0),
+                            fillcolor=color, opacity=0.15, hoverinfo="skip", showlegend=False, **pos)
+            fig.add_scatter(x=steps, y=mean, mode="lines+markers" if len(steps) < 12 else "lines",
+                            line=dict(color=color), name=f"{name} (n={len(arm_runs)})", legendgroup=name,
+                            showlegend=j == 0, **pos)
+    fig.update_xaxes(title_text="RL step", tickformat="d")
+    fig.update_layout(template="plotly_white", height=720, legend=dict(orientation="h", y=-0.12))
+    md_tables = to_markdown(summary).split("\n")
+    rows_html = []
+    for line in md_tables:
+        if line.startswith("|---") or line.startswith("|-"):
+            continue
+        if line.startswith("| "):
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            rows_html.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        elif line.startswith("#"):
+            rows_html.append(f"</table><h2>{html.escape(line.lstrip('# '))}</h2><table>")
+        elif line.strip():
+            rows_html.append(f"</table><p>{html.escape(line)}</p><table>")
+    body = fig.to_html(full_html=False, include_plotlyjs=True)
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(f"sweep {summary['spec']}")
+            + "</title><style>body{font-family:sans-serif;max-width:1200px;margin:auto}td{padding:2px 8px;"
+              "border-bottom:1px solid #ddd}</style></head><body><table>" + "".join(rows_html) + "</table>"
+            + body + "</body></html>")
+
+
+def export_runs(spec: Any, out: Path, dest: Path) -> int:
+    """Copy the compact files of finished runs to dest/<arm>/s<seed>/: config.json, history.jsonl, the last
+    evaluation's rows of eval.jsonl and the last step's rows of samples.jsonl. Checkpoints and adapters stay."""
+    from calibrl.history import read_jsonl
+    from calibrl.sweep import run_dir
+
+    n = 0
+    for arm in spec.arms:
+        for seed in arm.seeds:
+            src, dst = run_dir(out, arm, seed), run_dir(dest, arm, seed)
+            if src.resolve() == dst.resolve() or not (src / "history.jsonl").exists():
+                continue
+            dst.mkdir(parents=True, exist_ok=True)
+            for name in ("config.json", "history.jsonl"):
+                shutil.copyfile(src / name, dst / name)
+            for name in ("eval.jsonl", "samples.jsonl"):
+                rows = read_jsonl(src / name) if (src / name).exists() else []
+                last = max((r.get("step", 0) for r in rows), default=None)
+                keep = [r for r in rows if r.get("step", 0) == last]
+                (dst / name).write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+            n += 1
+    return n
