@@ -15,8 +15,8 @@ A spec is a JSON file:
 Runs go to OUT/<arm>/s<seed>/ (the same trainer and files as `compare`). Resuming: a finished run (last history
 step == steps and the final evaluation written) is skipped; an interrupted run continues from its checkpoint; an
 interrupted run without a checkpoint is moved aside to OUT/<arm>/s<seed>.partial-<time>/ (never deleted) and
-restarted. Runs are scheduled seed-major (seed 0 of every primary arm, then seed 1, ...) so a partial sweep stays
-balanced across arms. At the end OUT/summary.json, summary.md and report.html (offline) are written.
+restarted. Runs are scheduled seed-major (seed 0 of every primary arm, then its pilot arms, then seed 1, ...;
+secondary arms after the primary ones) so a partial sweep stays balanced across arms. At the end OUT/summary.json, summary.md and report.html (offline) are written.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ from typing import Any
 SPEC_KEYS = {"name", "budget", "baseline", "seeds", "base", "arms", "metrics", "description", "last_frac"}
 ARM_KEYS = {"name", "set", "seeds", "role", "description"}
 ROLES = ("pilot", "primary", "secondary")
-"""Scheduling order: pilot arms (e.g. to choose a coefficient) run first, then primary, then secondary."""
+"""Pilot arms (e.g. to choose a coefficient) are scheduled with the primary arms of their seeds; secondary arms
+after all primary seeds."""
 
 
 @dataclass
@@ -166,10 +167,11 @@ def run_state(path: Path, steps: int) -> str:
 
 
 def plan(spec: Spec, out: Path, roles: tuple[str, ...] = ROLES) -> list[tuple[Arm, int]]:
-    """(arm, seed) pairs in ROLES order, seed-major within each role."""
+    """(arm, seed) pairs: primary and pilot arms together, seed-major (each seed's primary arms, then its pilot
+    arms), then the secondary arms, seed-major."""
     order = []
-    for role in roles:
-        arms = [a for a in spec.arms if a.role == role]
+    for stage in (("primary", "pilot"), ("secondary",)):
+        arms = [a for r in stage if r in roles for a in spec.arms if a.role == r]
         for seed in sorted({s for a in arms for s in a.seeds}):
             order += [(a, seed) for a in arms if seed in a.seeds]
     return order

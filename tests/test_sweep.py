@@ -1,0 +1,182 @@
+"""calibrl.sweep / sweep_summary / stats: spec checks, scheduling, run states, metrics and CIs by hand, the summary
+rebuilt from run files, and one real two-process sweep on the shipped tiny model."""
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from calibrl import stats, sweep, sweep_summary
+
+SPEC = {"name": "t", "budget": "smoke", "baseline": "grpo", "seeds": 2, "base": {"steps": 2, "eval_every": 2},
+        "arms": [{"name": "grpo", "set": {"mode": "grpo"}},
+                 {"name": "calibrl", "set": {"mode": "calibrl"}},
+                 {"name": "pilot", "set": {"mode": "grpo", "entropy_coef": 0.01}, "seeds": [0], "role": "pilot"},
+                 {"name": "late", "set": {"mode": "calibrl", "slope": 0.3}, "seeds": [1], "role": "secondary"}]}
+
+
+def write_spec(tmp_path, spec=SPEC):
+    p = tmp_path / "spec.json"
+    p.write_text(json.dumps(spec))
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------- stats
+def test_t975_table_and_tail():
+    assert stats.t975(1) == 12.706 and stats.t975(15) == 2.131 and stats.t975(30) == 2.042
+    assert abs(stats.t975(60) - 2.000) < 0.002 and abs(stats.t975(10_000) - 1.960) < 0.001
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="df"):
+            stats.t975(bad)
+
+
+def test_mean_ci_by_hand():
+    ci = stats.mean_ci([1.0, 2.0, 3.0, None])
+    sd = 1.0
+    assert ci["n"] == 3 and ci["mean"] == 2.0 and math.isclose(ci["sd"], sd)
+    assert math.isclose(ci["half"], 4.303 * sd / math.sqrt(3))
+    assert stats.mean_ci([5.0])["half"] is None and stats.mean_ci([])["mean"] is None
+    with pytest.raises(ValueError, match="finite"):
+        stats.mean_ci([1.0, float("nan")])
+
+
+def test_paired_diff_pairs_by_seed():
+    arm = {0: 1.0, 1: 3.0, 2: None, 3: 9.0}
+    base = {0: 0.5, 1: 2.0, 2: 1.0}
+    d = stats.paired_diff(arm, base)
+    assert d["seeds"] == [0, 1] and d["n"] == 2 and d["mean"] == 0.75 and d["wins"] == 2
+    assert math.isclose(d["half"], 12.706 * math.sqrt(((0.5 - 0.75) ** 2 + (1.0 - 0.75) ** 2) / 1) / math.sqrt(2))
+
+
+# ----------------------------------------------------------------------------------------------------- spec
+@pytest.mark.parametrize("patch, match", [
+    ({"name": "../x"}, "plain name"),
+    ({"arms": [{"name": "/abs", "set": {}}]}, "plain name"),
+    ({"arms": [{"name": "a", "set": {"mode": "grpo"}}, {"name": "a", "set": {}}]}, "distinct arm names"),
+    ({"seeds": [1, 1]}, "distinct"),
+    ({"seeds": True}, "count"),
+    ({"baseline": "nope"}, "baseline"),
+    ({"bogus": 1}, "unknown keys"),
+    ({"arms": [{"name": "a", "set": {"slope": "high"}}], "baseline": "a"}, "arm 'a'"),
+    ({"arms": [{"name": "a", "set": {"no_such_field": 1}}], "baseline": "a"}, "no_such_field"),
+    ({"arms": [{"name": "a", "role": "main"}], "baseline": "a"}, "role"),
+    ({"last_frac": 0}, "last_frac"),
+])
+def test_bad_specs_raise_naming_the_problem(tmp_path, patch, match):
+    with pytest.raises(ValueError, match=match):
+        sweep.load_spec(write_spec(tmp_path, {**SPEC, **patch}))
+
+
+def test_spec_file_errors_name_the_file(tmp_path):
+    p = tmp_path / "spec.json"
+    p.write_text('{"name": "t",\n "arms": [}')
+    with pytest.raises(ValueError, match=r"spec.json line 2"):
+        sweep.load_spec(p)
+    with pytest.raises(ValueError, match="not found"):
+        sweep.load_spec(tmp_path / "missing.json")
+
+
+def test_plan_is_seed_major_with_pilots_beside_their_seed(tmp_path):
+    spec = sweep.load_spec(write_spec(tmp_path))
+    order = [(a.name, s) for a, s in sweep.plan(spec, tmp_path)]
+    assert order == [("grpo", 0), ("calibrl", 0), ("pilot", 0), ("grpo", 1), ("calibrl", 1), ("late", 1)]
+    assert [(a.name, s) for a, s in sweep.plan(spec, tmp_path, roles=("secondary",))] == [("late", 1)]
+    cfg = sweep.config_for(spec, spec.arm("late"), 1)
+    assert cfg.loss.slope == 0.3 and cfg.steps == 2 and cfg.seed == 1 and cfg.threads == 1
+
+
+# ------------------------------------------------------------------------------------------------- run files
+def fake_run(path: Path, steps: int, *, done=True, checkpoint=True, values=None):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text("{}")
+    rows = []
+    last = steps if done else steps - 1
+    for s in range(1, last + 1):
+        v = (values or {}).get(s, {})
+        rows.append({"step": s, "entropy_mean": v.get("ent", 0.1 * s), "acc_mean": 0.5, "format_rate": 1.0,
+                     "uniform_frac": None if s == 1 else 0.25, "kl_to_start": 0.01 * s,
+                     **({"eval_greedy_acc": v.get("acc", 0.5), "eval_pass_at_k": 0.75, "eval_format_rate": 1.0}
+                        if s == steps else {})})
+    (path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if checkpoint:
+        (path / "checkpoint").mkdir(exist_ok=True)
+    return rows
+
+
+def test_run_state(tmp_path):
+    assert sweep.run_state(tmp_path / "none", 5) == "new"
+    fake_run(tmp_path / "a", 5)
+    assert sweep.run_state(tmp_path / "a", 5) == "done"
+    fake_run(tmp_path / "b", 5, done=False)
+    assert sweep.run_state(tmp_path / "b", 5) == "resumable"
+    fake_run(tmp_path / "c", 5, done=False, checkpoint=False)
+    assert sweep.run_state(tmp_path / "c", 5) == "orphan"
+    fake_run(tmp_path / "d", 5, checkpoint=False)  # all rows but the final checkpoint never written
+    assert sweep.run_state(tmp_path / "d", 5) == "orphan"
+
+
+def test_run_metrics_by_hand():
+    rows = [{"step": s, "entropy_mean": float(s), "uniform_frac": None if s == 10 else 0.5,
+             **({"eval_greedy_acc": 0.25} if s == 10 else {}), **({"eval_greedy_acc": 0.9} if s == 5 else {})}
+            for s in range(1, 11)]
+    m = sweep_summary.run_metrics(rows, 10, 0.2)
+    assert m["entropy_last"] == 9.5            # steps 9 and 10
+    assert m["uniform_last"] == 0.5            # None at step 10 is skipped, not read as 0
+    assert m["final_greedy_acc"] == 0.25       # the last step's value, not the best one
+    assert m["final_pass_at_k"] is None and m["gate_tie_frac"] is None
+
+
+def test_summary_pairs_seeds_and_rebuilds_identically(tmp_path):
+    spec = sweep.load_spec(write_spec(tmp_path))
+    out = tmp_path / "out"
+    for seed, (g, c) in enumerate([(0.5, 0.75), (0.25, 0.75)]):
+        fake_run(out / "grpo" / f"s{seed}", 2, values={2: {"acc": g}})
+        fake_run(out / "calibrl" / f"s{seed}", 2, values={2: {"acc": c}})
+    fake_run(out / "late" / "s1", 2, done=False)
+    summary = sweep_summary.write_summary(spec, out)
+    cal = summary["arms"]["calibrl"]
+    assert cal["seeds_done"] == [0, 1] and summary["arms"]["late"]["seeds_partial"] == [1]
+    d = cal["vs_baseline"]["final_greedy_acc"]
+    assert d["mean"] == 0.375 and d["seeds"] == [0, 1] and d["wins"] == 2
+    assert math.isclose(d["half"], 12.706 * math.sqrt(2 * 0.125 ** 2) / math.sqrt(2))
+    md = (out / "summary.md").read_text()
+    assert "| calibrl | 2 | 0.375 ± " in md and "late: seeds [1]" in md
+    html = (out / "report.html").read_text()
+    assert "Plotly.newPlot" in html and not re.search(r"<script[^>]*src=[\"']https?:", html)  # opens offline
+    before = md
+    sweep_summary.write_summary(spec, out)
+    assert (out / "summary.md").read_text() == before
+
+
+def test_export_is_compact(tmp_path):
+    spec = sweep.load_spec(write_spec(tmp_path))
+    out, dest = tmp_path / "out", tmp_path / "ship"
+    fake_run(out / "grpo" / "s0", 2)
+    (out / "grpo" / "s0" / "eval.jsonl").write_text("".join(json.dumps({"step": s, "q": s}) + "\n" for s in (1, 2, 2)))
+    assert sweep_summary.export_runs(spec, out, dest) == 1
+    got = dest / "grpo" / "s0"
+    assert sorted(p.name for p in got.iterdir()) == ["config.json", "eval.jsonl", "history.jsonl", "samples.jsonl"]
+    assert [json.loads(x)["step"] for x in (got / "eval.jsonl").read_text().splitlines()] == [2, 2]
+    assert sweep_summary.summarize(spec, dest)["arms"]["grpo"]["seeds_done"] == [0]
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+def test_real_sweep_two_workers_then_summarize_only(tmp_path):
+    spec = {**SPEC, "seeds": [0], "base": {"steps": 2, "eval_every": 2, "eval_n": 2, "pass_k": 2, "save_every": 1},
+            "arms": SPEC["arms"][:2]}
+    p = write_spec(tmp_path, spec)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "calibrl", "sweep", str(p), "--out", str(out), "--workers", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for arm in ("grpo", "calibrl"):
+        rows = [json.loads(x) for x in (out / arm / "s0" / "history.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2] and rows[-1]["mode"] == arm
+    first = (out / "summary.md").read_text()
+    # everything finished: a second call trains nothing and rebuilds the same summary
+    res = subprocess.run(cmd + ["--summarize-only"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and (out / "summary.md").read_text() == first
+    assert "| calibrl | 1 |" in first
