@@ -150,20 +150,16 @@ def run_dir(out: Path, arm: Arm, seed: int) -> Path:
 
 
 def run_state(path: Path, steps: int) -> str:
-    """"done" (all steps and the final evaluation written), "resumable" (a checkpoint), "orphan" (rows but no
-    checkpoint) or "new"."""
+    """"done" (every step's row written, the last one with the final evaluation; shipped runs without checkpoints
+    count), "resumable" (a checkpoint to continue from), "orphan" (files but no checkpoint) or "new"."""
     from calibrl.history import read_jsonl
 
-    hist = path / "history.jsonl"
-    if not hist.exists():
-        return "new" if not path.exists() or not any(path.iterdir()) else "orphan"
-    rows = read_jsonl(hist)
-    if rows and rows[-1].get("step") == steps and (path / "checkpoint").exists():
+    if not path.exists() or not any(path.iterdir()):
+        return "new"
+    rows = read_jsonl(path / "history.jsonl") if (path / "history.jsonl").exists() else []
+    if rows and rows[-1].get("step") == steps:
         return "done"
-    if (path / "checkpoint").exists():
-        return "resumable"
-    return "orphan" if rows or any(p.name != "config.json" and p.name != "history.jsonl" for p in path.iterdir()) \
-        else "new"
+    return "resumable" if (path / "checkpoint").exists() else "orphan"
 
 
 def plan(spec: Spec, out: Path, roles: tuple[str, ...] = ROLES) -> list[tuple[Arm, int]]:
@@ -228,7 +224,7 @@ def run_sweep(spec: Spec, out: str | os.PathLike, *, workers: int | None = None,
     bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc=f"sweep {spec.name}", unit="run",
                disable=not progress, mininterval=1.0 if sys.stderr.isatty() else 60.0)
     running: list[tuple[subprocess.Popen, Arm, int]] = []
-    failed = []
+    failed, shown = [], ""
     while pending or running:
         while pending and len(running) < workers:
             arm, seed = pending.pop(0)
@@ -245,8 +241,9 @@ def run_sweep(spec: Spec, out: str | os.PathLike, *, workers: int | None = None,
                 bar.write(f"failed: {arm.name} seed {seed} (exit {proc.returncode}; see {out}/logs/)")
             bar.update(1)
         now = " ".join(f"{a.name}:s{s}" for _, a, s in running)
-        if now != bar.postfix:
+        if now != shown:
             bar.set_postfix_str(now)
+            shown = now
     bar.close()
     return {"done": len(todo) - len(failed), "failed": failed}
 
@@ -263,8 +260,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summarize-only", action="store_true", help="rebuild summary.json/.md and report.html "
                                                                       "from the runs already in --out")
     parser.add_argument("--export", default=None, metavar="DIR",
-                        help="after summarizing, copy the compact run files (config, history, last eval and samples) "
-                             "to DIR/<arm>/s<seed>/ for shipping; checkpoints and adapters are not copied")
+                        help="after summarizing, write the compact run files (config, history rounded to 6 "
+                             "significant digits, the last evaluation and samples) to DIR/<arm>/s<seed>/ for "
+                             "shipping, and summarize DIR; checkpoints and adapters are not copied")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -282,7 +280,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"summary: {out / 'summary.md'} ({summary['n_runs']} runs)")
     if args.export:
         n = sweep_summary.export_runs(spec, out, Path(args.export))
-        print(f"exported {n} runs to {args.export}")
+        sweep_summary.write_summary(spec, Path(args.export))
+        print(f"exported {n} finished runs to {args.export} (and its summary)")
     return 1 if status["failed"] else 0
 
 

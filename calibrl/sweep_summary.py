@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -198,25 +197,81 @@ def to_html(summary: dict, runs: dict) -> str:
             + body + "</body></html>")
 
 
+def _round(value: Any, digits: int = 6) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, list):
+        return [_round(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: _round(v, digits) for k, v in value.items()}
+    return value
+
+
 def export_runs(spec: Any, out: Path, dest: Path) -> int:
-    """Copy the compact files of finished runs to dest/<arm>/s<seed>/: config.json, history.jsonl, the last
-    evaluation's rows of eval.jsonl and the last step's rows of samples.jsonl. Checkpoints and adapters stay."""
+    """Write the compact files of FINISHED runs to dest/<arm>/s<seed>/: config.json, history.jsonl (floats rounded
+    to 6 significant digits), the last evaluation's rows of eval.jsonl and the last step's rows of samples.jsonl.
+    Checkpoints, adapters and unfinished runs are not copied. dest may equal out (compacts in place)."""
     from calibrl.history import read_jsonl
-    from calibrl.sweep import run_dir
+    from calibrl.sweep import config_for, run_dir
 
     n = 0
     for arm in spec.arms:
         for seed in arm.seeds:
             src, dst = run_dir(out, arm, seed), run_dir(dest, arm, seed)
-            if src.resolve() == dst.resolve() or not (src / "history.jsonl").exists():
+            rows = read_jsonl(src / "history.jsonl") if (src / "history.jsonl").exists() else []
+            if not rows or rows[-1]["step"] != config_for(spec, arm, seed).steps:
                 continue
-            dst.mkdir(parents=True, exist_ok=True)
-            for name in ("config.json", "history.jsonl"):
-                shutil.copyfile(src / name, dst / name)
+            files = {"config.json": (src / "config.json").read_text(encoding="utf-8"),
+                     "history.jsonl": "".join(json.dumps(_round(r)) + "\n" for r in rows)}
             for name in ("eval.jsonl", "samples.jsonl"):
-                rows = read_jsonl(src / name) if (src / name).exists() else []
-                last = max((r.get("step", 0) for r in rows), default=None)
-                keep = [r for r in rows if r.get("step", 0) == last]
-                (dst / name).write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+                extra = read_jsonl(src / name) if (src / name).exists() else []
+                last = max((r.get("step", 0) for r in extra), default=None)
+                files[name] = "".join(json.dumps(r) + "\n" for r in extra if r.get("step", 0) == last)
+            dst.mkdir(parents=True, exist_ok=True)
+            for name, text in files.items():
+                _write_atomic(dst / name, text)
             n += 1
     return n
+
+
+def load_study(root: str | os.PathLike = "assets/study", *, spec_file: str = "spec.json",
+               max_seeds: int | None = None) -> dict:
+    """A shipped (or running) sweep for notebooks: {"spec", "summary", "histories": {arm: [History, ...]}, "root"}.
+    `max_seeds` keeps the first seeds of each arm (FAST mode); the summary is computed over the kept seeds."""
+    import dataclasses
+
+    from calibrl.history import History
+    from calibrl.sweep import load_spec, run_dir
+
+    root = Path(root)
+    spec = load_spec(root / spec_file)
+    if max_seeds is not None:
+        if isinstance(max_seeds, bool) or not isinstance(max_seeds, int) or max_seeds < 1:
+            raise ValueError(f"max_seeds: expected an int >= 1 or None, got {max_seeds!r}")
+        spec = dataclasses.replace(spec, arms=[dataclasses.replace(a, seeds=a.seeds[:max_seeds]) for a in spec.arms])
+    summary = summarize(spec, root)
+    runs = summary.pop("_runs")
+    histories = {a.name: [History.load(run_dir(root, a, s)) for s in sorted(runs[a.name])
+                          if runs[a.name][s]["metrics"] is not None] for a in spec.arms}
+    return {"spec": spec, "summary": summary, "histories": histories, "root": root}
+
+
+def reading(summary: dict, metric: str, *, digits: int = 3) -> list[str]:
+    """One plain sentence per arm: its paired difference to the baseline on `metric`, and whether the 95% CI
+    excludes 0 ("outside the seed band") or not."""
+    label = METRICS[metric][2]
+    lines = []
+    for name, a in summary["arms"].items():
+        d = a.get("vs_baseline", {}).get(metric)
+        if d is None:
+            continue
+        if d["mean"] is None:
+            lines.append(f"{name}: no finished seed paired with {summary['baseline']} yet")
+        elif d["half"] is None:
+            lines.append(f"{name}: {label} {d['mean']:+.{digits}f} vs {summary['baseline']} on 1 seed (no interval)")
+        else:
+            sig = "a difference beyond seed noise" if d["lo"] > 0 or d["hi"] < 0 else "within seed noise"
+            lines.append(f"{name}: {label} {d['mean']:+.{digits}f} (95% CI {d['lo']:+.{digits}f} to "
+                         f"{d['hi']:+.{digits}f}) vs {summary['baseline']} over {d['n']} paired seeds: {sig} "
+                         f"(higher in {d['wins']}/{d['n']} seeds)")
+    return lines

@@ -114,8 +114,11 @@ def test_run_state(tmp_path):
     assert sweep.run_state(tmp_path / "b", 5) == "resumable"
     fake_run(tmp_path / "c", 5, done=False, checkpoint=False)
     assert sweep.run_state(tmp_path / "c", 5) == "orphan"
-    fake_run(tmp_path / "d", 5, checkpoint=False)  # all rows but the final checkpoint never written
-    assert sweep.run_state(tmp_path / "d", 5) == "orphan"
+    fake_run(tmp_path / "d", 5, checkpoint=False)  # a shipped run: all rows, no checkpoint
+    assert sweep.run_state(tmp_path / "d", 5) == "done"
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "stray.txt").write_text("x")
+    assert sweep.run_state(tmp_path / "e", 5) == "orphan"
 
 
 def test_run_metrics_by_hand():
@@ -151,16 +154,22 @@ def test_summary_pairs_seeds_and_rebuilds_identically(tmp_path):
     assert (out / "summary.md").read_text() == before
 
 
-def test_export_is_compact(tmp_path):
+def test_export_is_compact_and_skips_unfinished(tmp_path):
     spec = sweep.load_spec(write_spec(tmp_path))
     out, dest = tmp_path / "out", tmp_path / "ship"
-    fake_run(out / "grpo" / "s0", 2)
+    fake_run(out / "grpo" / "s0", 2, values={1: {"ent": 0.123456789}})
+    fake_run(out / "grpo" / "s1", 2, done=False)
     (out / "grpo" / "s0" / "eval.jsonl").write_text("".join(json.dumps({"step": s, "q": s}) + "\n" for s in (1, 2, 2)))
     assert sweep_summary.export_runs(spec, out, dest) == 1
     got = dest / "grpo" / "s0"
     assert sorted(p.name for p in got.iterdir()) == ["config.json", "eval.jsonl", "history.jsonl", "samples.jsonl"]
     assert [json.loads(x)["step"] for x in (got / "eval.jsonl").read_text().splitlines()] == [2, 2]
+    assert json.loads((got / "history.jsonl").read_text().splitlines()[0])["entropy_mean"] == 0.123457
+    assert not (dest / "grpo" / "s1").exists()
     assert sweep_summary.summarize(spec, dest)["arms"]["grpo"]["seeds_done"] == [0]
+    assert sweep.run_state(got, 2) == "done"  # a later sweep with --out DEST skips it
+    assert sweep_summary.export_runs(spec, dest, dest) == 1  # in place: idempotent
+    assert json.loads((got / "history.jsonl").read_text().splitlines()[0])["entropy_mean"] == 0.123457
 
 
 # ----------------------------------------------------------------------------------------------- end to end
@@ -180,3 +189,37 @@ def test_real_sweep_two_workers_then_summarize_only(tmp_path):
     res = subprocess.run(cmd + ["--summarize-only"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and (out / "summary.md").read_text() == first
     assert "| calibrl | 1 |" in first
+
+
+def test_load_study_and_reading(tmp_path):
+    p = write_spec(tmp_path)
+    out = tmp_path
+    for seed, (g, c) in enumerate([(0.5, 0.75), (0.25, 0.75)]):
+        fake_run(out / "grpo" / f"s{seed}", 2, values={2: {"acc": g}})
+        fake_run(out / "calibrl" / f"s{seed}", 2, values={2: {"acc": c}})
+    study = sweep_summary.load_study(out)
+    assert [h.run_dir.name for h in study["histories"]["calibrl"]] == ["s0", "s1"]
+    lines = sweep_summary.reading(study["summary"], "final_greedy_acc")
+    assert lines[0].startswith("calibrl: final greedy accuracy (held-out) +0.375 (95% CI")
+    assert "within seed noise" in lines[0]  # n = 2: t = 12.7, the band is wide
+    assert any("pilot: no finished seed" in x for x in lines)
+    one = sweep_summary.load_study(out, max_seeds=1)
+    assert one["summary"]["arms"]["calibrl"]["seeds_done"] == [0]
+    assert "on 1 seed (no interval)" in sweep_summary.reading(one["summary"], "final_greedy_acc")[0]
+    with pytest.raises(ValueError, match="max_seeds"):
+        sweep_summary.load_study(out, max_seeds=0)
+
+
+def test_readme_tables_are_the_shipped_study_summary():
+    """`python -m calibrl sweep assets/study/spec.json --out assets/study --summarize-only` regenerates the README's
+    study tables exactly from the shipped run files."""
+    root = Path(__file__).resolve().parents[1]
+    spec = sweep.load_spec(root / "assets" / "study" / "spec.json")
+    summary = sweep_summary.summarize(spec, root / "assets" / "study")
+    summary.pop("_runs")
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    tables = [ln for ln in sweep_summary.to_markdown(summary).splitlines() if ln.startswith("| ")]
+    missing = [ln for ln in tables if ln not in readme]
+    assert summary["n_runs"] > 0 and not missing, f"README lacks the study's table rows: {missing[:3]}"
+    shipped = (root / "assets" / "study" / "summary.md").read_text(encoding="utf-8")
+    assert shipped == sweep_summary.to_markdown(summary)
