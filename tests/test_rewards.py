@@ -165,6 +165,7 @@ _ADVERSARIAL = {
     "long-tuple": "<think>t</think><answer>(" + "1," * (_MB // 2) + "3)</answer>",
     "whitespace": "<think>" + " \n" * (_MB // 2) + "</think> <answer>3</answer>",
     "lt-soup": "<" * _MB,
+    "closes-then-opens": "<think>" + "</think><answer>" * (_MB // 17),  # quadratic for the old format regex
 }
 
 
@@ -175,14 +176,14 @@ def test_one_megabyte_completion_scores_in_well_under_a_second(name):
     text = _ADVERSARIAL[name]
     assert len(text) >= 0.9 * _MB
     seconds = []
-    for _ in range(3):  # best of 3: the CI machine is shared
-        t0 = time.perf_counter()
+    for _ in range(3):  # best of 3, in process CPU time: the CI machine is shared
+        t0 = time.process_time()
         s = score(text, "3")
-        seconds.append(time.perf_counter() - t0)
+        seconds.append(time.process_time() - t0)
         if seconds[-1] < 0.5:
             break
     seconds = min(seconds)
-    assert seconds < 0.5, f"{name}: {seconds:.2f} s for {len(text)} chars"
+    assert seconds < 0.5, f"{name}: {seconds:.2f} s CPU for {len(text)} chars"
     assert s["fmt"] == (1.0 if name in ("long-think", "whitespace", "long-digits", "trailing-percent", "long-tuple")
                         else 0.0)
     assert s["acc"] == (1.0 if name in ("long-think", "whitespace") else 0.0)
