@@ -27,11 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a TrainConfig/LossConfig field for every run, e.g. --set lr=5e-4 "
-                             "--set guide_coef=0.3 (repeatable; values parsed as JSON, else strings)")
+                             "--set recompute_old_logp=true (repeatable; parsed by the field's type)")
     parser.add_argument("--quantization", default=None, choices=("4bit",), help="4-bit NF4 base model (GPU, hub VLMs)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--overwrite", action="store_true", help="replace an existing comparison directory")
-    group.add_argument("--resume", action="store_true", help="continue the runs of an existing comparison")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the runs of an existing comparison (only directories calibrl created)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue the runs of an existing comparison from their checkpoints")
 
 
 def _parse_list(text: str, what: str, cast=str) -> list:
@@ -47,21 +49,48 @@ def _parse_list(text: str, what: str, cast=str) -> list:
     return out
 
 
+_SET_BY_OPTION = {"mode": "--modes", "seed": "--seeds", "out": "--out", "name": "--name", "model": "--model",
+                  "task": "--task", "budget": "--budget", "quantization": "--quantization", "loss": "--modes and "
+                  "--set on its fields (e.g. --set slope=0.3)"}
+
+
 def _parse_sets(items: list[str]) -> dict:
-    import json
+    """`--set KEY=VALUE` items -> overrides, each value parsed by its field's type (calibrl.config.parse_value)."""
+    from calibrl.config import parse_value
 
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
-        if key.strip() in ("mode", "seed", "out", "name"):
-            raise ValueError(f"--set: {key.strip()!r} is set by --modes/--seeds/--out/--name")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
+        if key in _SET_BY_OPTION:
+            raise ValueError(f"--set {key}: set it with {_SET_BY_OPTION[key]}, not --set")
+        out[key] = parse_value(key, value)
     return out
+
+
+def _plan(root: Path, cfgs: list, overwrite: bool, resume: bool) -> dict[str, str]:
+    """Check OUT/NAME and every run directory before anything loads or is written; returns run name -> what the
+    run will do ("new", "overwrite", "resume")."""
+    from calibrl.history import History, run_status
+    from calibrl.runfiles import marker_kind
+
+    exists = root.is_dir() and any(root.iterdir())
+    if resume and not exists:
+        raise ValueError(f"resume: {root} does not exist or is empty; nothing to resume (run without --resume)")
+    if exists and not (overwrite or resume):
+        raise ValueError(f"out/name: {root} already exists; pass --overwrite to replace its runs or --resume to "
+                         f"continue them")
+    if exists and overwrite and marker_kind(root) != "comparison":
+        raise ValueError(f"overwrite: {root} was not created by `calibrl compare` (no .calibrl marker); refusing to "
+                         f"replace anything in it: choose another --name")
+    plan = {}
+    for c in cfgs:
+        run_dir = root / c.run_name
+        run_resume = resume and run_status(run_dir, c.steps) != "absent"  # runs not started yet start fresh
+        plan[c.run_name] = History.check_target(run_dir, resume=run_resume, overwrite=overwrite)
+    return plan
 
 
 def compare(*, budget: str = "smoke", model: str = "tiny", task: str | None = None,
@@ -77,14 +106,15 @@ def compare(*, budget: str = "smoke", model: str = "tiny", task: str | None = No
     from calibrl.config import TrainConfig
     from calibrl.models import load_policy
     from calibrl.report import write_report
+    from calibrl.runfiles import check_name, check_out, make_marked_dir
     from calibrl.tasks import DEFAULT_TASK, make_dataset
     from calibrl.trainer import EVAL_SEED, Trainer, check_inputs, lora_config
 
-    root = Path(out) / (name or f"compare-{budget}")
+    root = check_out(out) / check_name(name or f"compare-{budget}", "name")
+    check_out(root, "out/name")
     cfgs = [TrainConfig.from_budget(budget, mode=m, seed=s, model=model, task=task, out=str(root),
                                     name=f"{m}-s{s}", **overrides) for s in seeds for m in modes]
-    if root.exists() and any(root.iterdir()) and not (overwrite or resume):
-        raise ValueError(f"out/name: {root} already exists; pass --overwrite to replace it or --resume to continue")
+    plan = _plan(root, cfgs, overwrite, resume)  # files checked before any model loads
     task_name = task or DEFAULT_TASK
     c0 = cfgs[0]
     data = {s: make_dataset(task_name, c0.train_size, s, style=c0.expert_style) for s in seeds}
@@ -93,10 +123,7 @@ def compare(*, budget: str = "smoke", model: str = "tiny", task: str | None = No
     first = load_policy(model, lora=lora_config(c0), quantization=c0.quantization)
     for c in cfgs:  # every bad input before any training
         check_inputs(c, first, data[c.seed], eval_data)
-    if overwrite and root.exists():
-        import shutil
-
-        shutil.rmtree(root)
+    make_marked_dir(root, "comparison")
     total = sum(c.steps for c in cfgs)
     bar = tqdm(total=total, desc="compare", disable=not progress, unit="step")
     t0 = time.perf_counter()
@@ -104,9 +131,8 @@ def compare(*, budget: str = "smoke", model: str = "tiny", task: str | None = No
     for i, c in enumerate(cfgs):
         bar.set_postfix_str(f"{c.loss.mode} seed {c.seed}")
         policy = first if i == 0 else None  # later runs reload the same start (same seed -> same LoRA init)
-        run_resume = resume and (root / c.run_name / "checkpoint").exists()
-        tr = Trainer(c, policy=policy, train_data=data[c.seed], eval_data=eval_data, resume=run_resume,
-                     overwrite=overwrite or (resume and not run_resume))
+        tr = Trainer(c, policy=policy, train_data=data[c.seed], eval_data=eval_data,
+                     resume=plan[c.run_name] == "resume", overwrite=plan[c.run_name] == "overwrite")
         bar.update(tr.step_num)
 
         def on_step(row: dict) -> None:

@@ -6,10 +6,15 @@ sizes a run. Both validate themselves and raise `ValueError` naming the offendin
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from calibrl._fields import check_known as _check_known
+from calibrl._fields import check_types, expected_words, field_types, parse_typed
+from calibrl.runfiles import check_name
 
 MODES = ("grpo", "dr_grpo", "dapo", "calibrl", "luffy", "rlplus")
 """Known loss modes."""
@@ -82,7 +87,8 @@ class LossConfig:
         return self.mode in EXPERT_MODES
 
     def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
+        """Raise ValueError naming the first invalid field (types first: a bool is not a number, nor the reverse)."""
+        check_types(self)
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
         if not (0.0 <= self.slope <= 1.0):
@@ -178,8 +184,10 @@ class TrainConfig:
     Either way logp_gap_max checks the sampler against the training forward every step."""
     samples_per_step: int = 4
     """On-policy responses per step written to samples.jsonl (entropy heatmap)."""
-    save_every: int = 0
-    """Checkpoint (adapter, optimizer, RNG states, data position) every this many steps; 0 = only at the end."""
+    save_every: int = 1
+    """Checkpoint (trainable weights, optimizer, RNG states, data position) at the start and every this many steps
+    (default 1: every step, ~1% of a tiny-model step; the full budget uses 5); 0 = only at the end, and then a crash
+    cannot be resumed. A kill at any point resumes from the last checkpoint, replaying later steps bit-identically."""
     threads: int | None = None
     """torch.set_num_threads for this run; None keeps the current setting."""
     out: str = "runs"
@@ -202,7 +210,7 @@ class TrainConfig:
             "small": dict(steps=60, prompts_per_step=8, group_size=8, max_new_tokens=32, minibatches=2, train_size=512,
                           eval_every=10, eval_n=32, pass_k=4),
             "full": dict(steps=200, prompts_per_step=16, group_size=8, max_new_tokens=48, minibatches=4,
-                         train_size=4096, eval_every=20, eval_n=128, pass_k=8, save_every=50),
+                         train_size=4096, eval_every=20, eval_n=128, pass_k=8, save_every=5),
         }
         if budget not in sizes:
             raise ValueError(f"budget: expected one of {BUDGETS}, got {budget!r}")
@@ -213,10 +221,7 @@ class TrainConfig:
             loss = LossConfig.preset(loss_kw.pop("mode", "calibrl"), **loss_kw)
         elif loss_kw:
             loss = dataclasses.replace(loss, **loss_kw)
-        known = {f.name for f in dataclasses.fields(cls)}
-        for k in overrides:
-            if k not in known:
-                raise ValueError(f"{k}: unknown TrainConfig/LossConfig field (known: {sorted(known | loss_fields)})")
+        _check_known(cls, overrides, also=loss_fields)
         cfg = cls(loss=loss, **{**sizes[budget], **overrides})
         cfg.validate()
         return cfg
@@ -236,6 +241,7 @@ class TrainConfig:
         if not isinstance(self.loss, LossConfig):
             raise ValueError(f"loss: expected a LossConfig, got {type(self.loss).__name__}")
         self.loss.validate()
+        check_types(self)
         if self.quantization not in (None, "4bit"):
             raise ValueError(f"quantization: expected None or '4bit', got {self.quantization!r}")
         if self.expert_style not in ("expert", "policy"):
@@ -268,8 +274,10 @@ class TrainConfig:
             raise ValueError(f"seed: expected an integer >= 0, got {self.seed!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads: expected None or an integer >= 1, got {self.threads!r}")
-        if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
-            raise ValueError(f"name: expected a plain directory name, got {self.name!r}")
+        if self.name is not None:
+            check_name(self.name, "name")
+        if not self.out:
+            raise ValueError(f"out: expected a directory path, got {self.out!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the loss nested under "loss")."""
@@ -278,15 +286,53 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         """Inverse of `to_dict` (as written to runs/<name>/config.json)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"d: expected a dict (a config.json object), got {type(d).__name__}")
         d = dict(d)
-        loss = LossConfig(**d.pop("loss", {}))
-        cfg = cls(loss=loss, **d)
+        loss = d.pop("loss", {})
+        if not isinstance(loss, dict):
+            raise ValueError(f"loss: expected a JSON object of LossConfig fields, got {type(loss).__name__}")
+        _check_known(LossConfig, loss, "loss.")
+        _check_known(cls, d)
+        cfg = cls(loss=LossConfig(**loss), **d)
         cfg.validate()
         return cfg
 
     def to_json(self) -> str:
         """`to_dict` as indented JSON."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def config_keys() -> dict[str, str]:
+    """Every key `parse_value` / `TrainConfig.from_budget` accepts (TrainConfig and LossConfig fields but the
+    nested `loss`), with its expected type in words."""
+    out = {}
+    for cls in (TrainConfig, LossConfig):
+        types = field_types(cls)
+        for f in dataclasses.fields(cls):
+            out[f.name] = expected_words(*types[f.name]) if f.name in types else "a JSON value"
+    out.pop("loss", None)
+    return out
+
+
+def parse_value(key: str, text: str) -> Any:
+    """The value of `--set KEY=TEXT`, parsed by the field's type: bools from true/false/yes/no/on/off/1/0, integers
+    and numbers from ASCII digits, none/null for optional fields, strings as written (JSON quotes removed); fields
+    of other types from JSON. ValueError (one line naming the key and the expected type) for an unknown key or a
+    value of the wrong type."""
+    keys = config_keys()
+    if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"--set {key}: unknown key{hint}; valid keys: {', '.join(sorted(keys))}")
+    cls = TrainConfig if key in {f.name for f in dataclasses.fields(TrainConfig)} else LossConfig
+    types = field_types(cls)
+    if key not in types:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"--set {key}: expected a JSON value, got {text!r}") from None
+    return parse_typed(text, *types[key], f"--set {key}")
 
 
 def _finite_nonneg(name: str, v: Any) -> None:

@@ -5,23 +5,31 @@ loss is `reward > 0.1`, which is the same thing.
 
 Rules (strict on purpose; documented so a wrong answer never scores by accident):
 - extract_answer: the text between the *last* `</answer>` and the last `<answer>` before it (tags
-  case-insensitive), stripped. None when there is no closed pair or the content is empty. An unclosed trailing
-  `<answer>4` is ignored; nested `<answer>3 <answer>4</answer>` gives "4". Nothing in `<think>` is ever read (the
-  math-verify think-leak pitfall, peers.md).
+  case-insensitive), stripped, looking only at text outside thinking. None when there is no closed pair or the
+  content is empty. An unclosed trailing `<answer>4` is ignored; nested `<answer>3 <answer>4</answer>` gives "4".
+  Nothing inside thinking is ever read (the math-verify think-leak pitfall, peers.md): thinking is every
+  `<think>`...`</think>` block, an unclosed `<think>` to the end of the text, and everything before a `</think>`
+  that closes no block (chat templates that open `<think>` in the prompt); an answer pair must lie outside it.
 - normalize_answer: strip whitespace, quotes and surrounding punctuation ( . , ; : ! ? ), a trailing degree sign
   or "%", collapse inner whitespace; then
-  - integers: "03", "+3", "3.0", "3.00" -> "3"; decimals keep their digits ("16.910" -> "16.91");
-  - tuples of numbers: "(7.765, 7.882)", "7.765,7.882" -> "(7.765, 7.882)";
+  - integers: "03", "+3", "3.0", "3.00" -> "3"; decimals keep their digits ("16.910" -> "16.91"); ASCII digits
+    only (Arabic-Indic, full-width and other Unicode digits are words, never numbers);
+  - tuples of 2 to MAX_TUPLE (64) numbers: "(7.765, 7.882)", "7.765,7.882" -> "(7.765, 7.882)";
   - choices: "(B)", "B.", "B)", "b" -> "B" (a single letter);
   - words: lower-cased; "grey" -> "gray". "the red one" stays as it is (no guessing) and so never equals "red".
 - accuracy_reward: numbers compare numerically at the gold's *written* precision: integer gold ("3") needs exact
   equality (3, 03, 3.0 pass; 3.4 fails); gold written with d decimals accepts a prediction that rounds to it at d
   decimals (reasoning-gym's convention: gold "16.91" accepts 16.909 and 16.914, gold "5.500" rejects 5.501);
   tuples compare element-wise the same way; everything else compares normalised strings.
-- format_reward: the whole response matches `^\\s*<think>.*?</think>\\s*<answer>.*?</answer>\\s*$` (DOTALL,
-  tags lower-case). Deviation from the official `^<think>.*?</think>.*?<answer>.*?</answer>$`: we allow
+- format_reward: the response is exactly `<think>…</think>` then `<answer>…</answer>`: the only think/answer tags
+  (any case) in the whole text are these four, in this order and lower-case, with only whitespace before `<think>`,
+  between `</think>` and `<answer>`, and after `</answer>`. So several think or answer blocks, or a tag inside a
+  block, fail the format. Deviation from the official `^<think>.*?</think>.*?<answer>.*?</answer>$`: we allow
   whitespace around the response (decoded text often keeps a leading space/newline) but only whitespace between
-  `</think>` and `<answer>`; text after `</answer>` fails the format in both.
+  `</think>` and `<answer>`, and the official regex accepts repeated blocks; text after `</answer>` fails in both.
+
+Every function is linear in the length of the text (a tag scan and string methods; no backtracking regex): a 1 MB
+completion scores in milliseconds (tests/test_rewards.py).
 """
 from __future__ import annotations
 
@@ -32,39 +40,68 @@ from typing import Any
 __all__ = ["extract_answer", "normalize_answer", "accuracy_reward", "format_reward", "score", "FORMAT_BONUS"]
 
 FORMAT_BONUS = 0.1
-_OPEN = re.compile(r"<answer>", re.IGNORECASE)
-_CLOSE = re.compile(r"</answer>", re.IGNORECASE)
-_FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
-_NUM = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+# ASCII digits only (used with fullmatch); possessive quantifiers: a failed match never backtracks
+_NUM = re.compile(r"[+-]?+(?:[0-9]++(?:\.[0-9]*+)?+|\.[0-9]++)", re.ASCII)
+MAX_TUPLE = 64
+"""Tuples of more than this many numbers are compared as strings, not element-wise (bounds the work per answer)."""
 _CHOICE = re.compile(r"^\(?([A-Za-z])\)?[.:)]?$")
 _PUNCT = " \t\n\r.,;:!?\"'`"
 _SYNONYMS = {"grey": "gray"}
 
 
+def _lower(text: str) -> str:
+    """Lower-cased text with the same length and positions (Unicode lower-casing when it keeps every position,
+    else ASCII only), so tags are found with str.find/rfind, which run in C and never backtrack."""
+    low = text.lower()
+    return low if len(low) == len(text) else text.translate(_ASCII_LOWER)
+
+
+def _outside_think(low: str):
+    """(start, end) spans of the lower-cased text outside thinking (module docstring), from the LAST one back.
+    Walks back block by block with rfind/find: linear in the text, one Python iteration per think block."""
+    end = len(low)
+    while end >= 0:
+        close, opening = low.rfind("</think>", 0, end), low.rfind("<think>", 0, end)
+        if close < 0 and opening < 0:
+            yield 0, end
+            return
+        if close > opening:  # the last think tag before `end` is a close: after it is visible
+            yield close + 8, end
+            prev_close, prev_open = low.rfind("</think>", 0, close), low.rfind("<think>", 0, close)
+            if prev_open < 0 or prev_open < prev_close:  # it closes no block: everything before it is thinking
+                return
+            end = low.find("<think>", prev_close + 8 if prev_close >= 0 else 0)  # the block's (first) opening
+        else:  # an opening with no close after it: thinking from the first opening since the previous close
+            end = low.find("<think>", close + 8 if close >= 0 else 0)
+
+
 def extract_answer(text: Any) -> str | None:
-    """Content of the last closed `<answer>…</answer>` (stripped), or None (absent, empty, or not a string)."""
+    """Content of the last closed `<answer>…</answer>` outside thinking (stripped), or None (absent, empty, only
+    inside `<think>`, or not a string)."""
     if not isinstance(text, str):
         return None
-    closes = list(_CLOSE.finditer(text))
-    if not closes:
+    low = _lower(text)
+    if "</answer>" not in low:
         return None
-    end = closes[-1].start()
-    opens = [m for m in _OPEN.finditer(text, 0, end)]
-    if not opens:
-        return None
-    content = text[opens[-1].end():end].strip()
-    return content or None
+    for a, b in _outside_think(low):
+        end = low.rfind("</answer>", a, b)
+        if end < 0:
+            continue
+        start = low.rfind("<answer>", a, end)
+        if start < 0:
+            return None  # the last closed tag outside thinking has no opening: no answer (never an earlier one)
+        return text[start + 8:end].strip() or None
+    return None
 
 
 def _strip(s: str) -> str:
-    s = " ".join(s.split()).lstrip(_PUNCT.replace(".", "")).rstrip(_PUNCT)  # keep a leading "." (".5")
-    while s and s[-1] in "°%":
-        s = s[:-1].rstrip(_PUNCT)
-    return s
+    # keep a leading "." (".5"); trailing punctuation, degree signs and "%" in any order, in one pass
+    return " ".join(s.split()).lstrip(_PUNCT.replace(".", "")).rstrip(_PUNCT + "°%")
 
 
 def _canon_number(s: str) -> str | None:
-    if not _NUM.match(s):
+    if not _NUM.fullmatch(s):
         return None
     sign = "-" if s.startswith("-") else ""
     s = s.lstrip("+-")
@@ -77,8 +114,8 @@ def _canon_number(s: str) -> str | None:
 
 def _canon_tuple(s: str) -> str | None:
     inner = s[1:-1] if s.startswith("(") and s.endswith(")") else s
-    parts = [p.strip() for p in inner.split(",")]
-    if len(parts) < 2:
+    parts = [p.strip() for p in inner.split(",", MAX_TUPLE)]
+    if not 2 <= len(parts) <= MAX_TUPLE:
         return None
     nums = [_canon_number(p) for p in parts]
     return None if any(n is None for n in nums) else "(" + ", ".join(nums) + ")"  # type: ignore[arg-type]
@@ -107,8 +144,8 @@ def normalize_answer(s: Any) -> str | None:
 def _numbers(s: str) -> list[tuple[float, int]] | None:
     """[(value, decimals as written)] for a stripped number or tuple of numbers, else None."""
     inner = s[1:-1] if s.startswith("(") and s.endswith(")") else s
-    parts = [p.strip() for p in inner.split(",")] if "," in inner else [s]
-    if not all(_NUM.match(p) for p in parts):
+    parts = [p.strip() for p in inner.split(",", MAX_TUPLE)] if "," in inner else [s]
+    if len(parts) > MAX_TUPLE or not all(_NUM.fullmatch(p) for p in parts):
         return None
     return [(float(p), len(p.partition(".")[2])) for p in parts]
 
@@ -147,8 +184,19 @@ def accuracy_reward(completion: Any, gold: str) -> float:
 
 
 def format_reward(completion: Any) -> float:
-    """1.0 if the whole completion is `<think>…</think><answer>…</answer>` (whitespace around allowed), else 0.0."""
-    return 1.0 if isinstance(completion, str) and _FORMAT.match(completion) else 0.0
+    """1.0 if the completion is exactly one `<think>…</think>` then one `<answer>…</answer>` (whitespace around
+    allowed, no other think/answer tag anywhere), else 0.0."""
+    if not isinstance(completion, str):
+        return 0.0
+    low = _lower(completion)
+    tags = ("<think>", "</think>", "<answer>", "</answer>")
+    if any(low.count(tag) != 1 for tag in tags):
+        return 0.0
+    pos = [low.find(tag) for tag in tags]
+    if pos != sorted(pos) or any(completion[p:p + len(tag)] != tag for p, tag in zip(pos, tags)):
+        return 0.0
+    gaps = (completion[:pos[0]], completion[pos[1] + 8:pos[2]], completion[pos[3] + 9:])
+    return 1.0 if all(not g.strip() for g in gaps) else 0.0
 
 
 def score(completion: Any, gold: str) -> dict[str, Any]:

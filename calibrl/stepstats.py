@@ -97,5 +97,7 @@ def sample_rows(b: Any, tokenizer: Any, step: int, k: int) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write rows as JSON lines (replacing the file)."""
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    """Write rows as JSON lines, replacing the file atomically (a crash or a full disk leaves the old file)."""
+    from calibrl.runfiles import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

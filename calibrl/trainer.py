@@ -66,6 +66,8 @@ class Trainer:
 
         cfg.validate()
         self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir else Path(cfg.out) / cfg.run_name
+        History.check_target(self.run_dir, resume=resume, overwrite=overwrite)  # before any model loads
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         task = cfg.task or DEFAULT_TASK
@@ -85,13 +87,14 @@ class Trainer:
         if not self.params:
             raise ValueError("policy.model: expected trainable parameters (LoRA or full), got none")
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.run_dir = Path(run_dir) if run_dir else Path(cfg.out) / cfg.run_name
         self.history = History.create(self.run_dir, cfg.to_dict(), resume=resume, overwrite=overwrite)
         self.step_num = 0
         if resume:
             self._resume()
         else:
             torch.manual_seed(cfg.seed)
+            if cfg.save_every:  # a step-0 checkpoint: a kill during step 1 resumes too
+                self.save_checkpoint()
 
     # ------------------------------------------------------------------------------------------------ data
     def prompt_indices(self, step: int) -> list[int]:
@@ -244,6 +247,7 @@ class Trainer:
         self.save_checkpoint()
         if getattr(self.policy, "is_lora", False):
             self.policy.model.save_pretrained(str(self.run_dir / "adapter"))
+        self.history.mark_done(self.step_num)  # done.json: history.finished_step(run_dir) == cfg.steps
         return self.history
 
     # ------------------------------------------------------------------------------------------------ eval

@@ -114,3 +114,76 @@ def test_score_never_raises_on_weird_text(text):
     assert s["reward"] == pytest.approx(s["acc"] + 0.1 * s["fmt"])
     if s["acc"] == 1.0:
         assert normalize_answer(extract_answer(text)) == "red"
+
+
+# ------------------------------------------------------------------ issue 9: think never graded, one block each, ASCII
+@pytest.mark.parametrize("text,expected", [
+    ("<think><answer>4</answer></think>", None),                          # only inside thinking
+    ("<think>maybe <answer>4</answer></think><answer>5</answer>", "5"),
+    ("<think>a <answer>4</answer>", None),                                # unclosed think runs to the end
+    ("<answer>4</answer><think>still thinking <answer>5</answer>", "4"),  # the answer before thinking counts
+    ("prompt-opened thinking <answer>4</answer></think> done", None),     # a </think> closing nothing
+    ("reasoning <answer>4</answer></think><answer>6</answer>", "6"),
+    ("<think>a</think><answer>3</answer><think><answer>9</answer></think>", "3"),
+    ("<THINK><answer>4</answer></Think>", None),                          # think tags case-insensitive too
+])
+def test_nothing_inside_think_is_graded(text, expected):
+    assert extract_answer(text) == expected
+    if expected is None:
+        assert accuracy_reward(text, "4") == 0.0
+
+
+@pytest.mark.parametrize("text", [
+    "<think>a</think><answer>1</answer><answer>2</answer>",   # two answer blocks
+    "<think>a</think><think>b</think><answer>1</answer>",     # two think blocks
+    "<think>a <answer>1</answer></think><answer>1</answer>",  # an answer tag inside the think block
+    "<think>a <ANSWER>1</ANSWER></think><answer>1</answer>",  # ... in any case
+    "<think>a</think><answer>1 <think></answer>",             # a think tag inside the answer
+    "<think>a</think><answer>1</answer></answer>",
+    "<think><think>a</think></think><answer>1</answer>",
+])
+def test_format_needs_exactly_one_think_and_one_answer_block(text):
+    assert format_reward(text) == 0.0
+
+
+@pytest.mark.parametrize("pred", ["٣", "３", "३", "߃", "𝟑", "3٣", "٠٣", "٣.٠", "(٣, 4)"])
+def test_non_ascii_digits_are_not_numbers(pred):
+    gold = "(3, 4)" if pred.startswith("(") else "3"
+    assert accuracy_reward(f"<think>t</think><answer>{pred}</answer>", gold) == 0.0
+    assert normalize_answer(pred) not in ("3", "(3, 4)")
+
+
+_MB = 1_000_000
+_ADVERSARIAL = {
+    "think-then-answer-tails": "<think></think><answer>" + "</answer>x" * (_MB // 10),
+    "many-think-closes": "<think>" + "</think>\n" * (_MB // 9),
+    "many-opens": "<think>" * (_MB // 7),
+    "answer-opens": "<answer>" * (_MB // 8) + "</answer>",
+    "long-think": "<think>" + "a" * _MB + "</think><answer>3</answer>",
+    "long-digits": "<think>t</think><answer>" + "1" * _MB + "x</answer>",
+    "trailing-percent": "<think>t</think><answer>5" + "%" * _MB + "</answer>",
+    "long-tuple": "<think>t</think><answer>(" + "1," * (_MB // 2) + "3)</answer>",
+    "whitespace": "<think>" + " \n" * (_MB // 2) + "</think> <answer>3</answer>",
+    "lt-soup": "<" * _MB,
+    "closes-then-opens": "<think>" + "</think><answer>" * (_MB // 17),  # quadratic for the old format regex
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ADVERSARIAL))
+def test_one_megabyte_completion_scores_in_well_under_a_second(name):
+    import time
+
+    text = _ADVERSARIAL[name]
+    assert len(text) >= 0.9 * _MB
+    seconds = []
+    for _ in range(3):  # best of 3, in process CPU time: the CI machine is shared
+        t0 = time.process_time()
+        s = score(text, "3")
+        seconds.append(time.process_time() - t0)
+        if seconds[-1] < 0.5:
+            break
+    seconds = min(seconds)
+    assert seconds < 0.5, f"{name}: {seconds:.2f} s CPU for {len(text)} chars"
+    assert s["fmt"] == (1.0 if name in ("long-think", "whitespace", "long-digits", "trailing-percent", "long-tuple")
+                        else 0.0)
+    assert s["acc"] == (1.0 if name in ("long-think", "whitespace") else 0.0)
