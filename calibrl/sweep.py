@@ -150,16 +150,19 @@ def run_dir(out: Path, arm: Arm, seed: int) -> Path:
 
 
 def run_state(path: Path, steps: int) -> str:
-    """"done" (every step's row written, the last one with the final evaluation; shipped runs without checkpoints
-    count), "resumable" (a checkpoint to continue from), "orphan" (files but no checkpoint) or "new"."""
-    from calibrl.history import read_jsonl
+    """"done" (done.json records `steps`, or every step's row is written: a shipped run without checkpoints),
+    "resumable" (a checkpoint file to continue from), "orphan" (files but no checkpoint) or "new"."""
+    from calibrl.checkpoint import has_checkpoint
+    from calibrl.history import finished_step, read_jsonl
 
     if not path.exists() or not any(path.iterdir()):
         return "new"
+    if finished_step(path) == steps:
+        return "done"
     rows = read_jsonl(path / "history.jsonl") if (path / "history.jsonl").exists() else []
     if rows and rows[-1].get("step") == steps:
         return "done"
-    return "resumable" if (path / "checkpoint").exists() else "orphan"
+    return "resumable" if has_checkpoint(path) else "orphan"
 
 
 def plan(spec: Spec, out: Path, roles: tuple[str, ...] = ROLES) -> list[tuple[Arm, int]]:

@@ -103,6 +103,7 @@ def fake_run(path: Path, steps: int, *, done=True, checkpoint=True, values=None)
     (path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if checkpoint:
         (path / "checkpoint").mkdir(exist_ok=True)
+        (path / "checkpoint" / "state.pt").write_bytes(b"x")
     return rows
 
 
@@ -119,6 +120,9 @@ def test_run_state(tmp_path):
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "stray.txt").write_text("x")
     assert sweep.run_state(tmp_path / "e", 5) == "orphan"
+    fake_run(tmp_path / "f", 5, done=False, checkpoint=False)
+    (tmp_path / "f" / "checkpoint").mkdir()  # killed while writing the first checkpoint: nothing to resume
+    assert sweep.run_state(tmp_path / "f", 5) == "orphan"
 
 
 def test_run_metrics_by_hand():
