@@ -95,7 +95,7 @@ WRONG = {
         "any difference counts": lambda a, b: sum(a) != sum(b),
         "hard-coded False": lambda a, b: False,
         "hard-coded True": lambda a, b: True,
-        "mean +- sd instead of the t-interval": lambda a, b: _sd_band(a, b),
+        "unpaired: the two arms' intervals do not overlap": lambda a, b: _unpaired(a, b),
     },
     "07.advantages": {
         "wrong sign": lambda r, g: -S.advantages(r, g),
@@ -148,13 +148,10 @@ def _leaky(lp, e, p, slope, sign=1):
     return torch.nn.functional.leaky_relu(-sign * sgn(p) * (lp - e), slope)
 
 
-def _sd_band(a, b):
-    def iv(v):
-        m = sum(v) / len(v)
-        sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
-        return m - sd, m + sd
-    (la, ha), (lb, hb) = iv(a), iv(b)
-    return ha < lb or hb < la
+def _unpaired(a, b):
+    from calibrl.stats import mean_ci
+    ca, cb = mean_ci(a), mean_ci(b)
+    return ca["hi"] < cb["lo"] or cb["hi"] < ca["lo"]
 
 
 def test_every_exercise_has_wrong_answers_and_a_solution():

@@ -8,7 +8,6 @@ complement, the format-bonus edge case) changes the answer.
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -99,10 +98,10 @@ def _ref_aligned(expert_old_logp, expert_mask, row_prompt, T):
 
 
 def _ref_band(a, b):
-    from calibrl.report import mean_ci
+    from calibrl.stats import paired_diff
 
-    (ma, ha), (mb, hb) = mean_ci(a), mean_ci(b)
-    return ma + ha < mb - hb or mb + hb < ma - ha
+    d = paired_diff(dict(enumerate(a)), dict(enumerate(b)))
+    return d["lo"] > 0 or d["hi"] < 0
 
 
 def _ref_unformatted(gold):
@@ -113,36 +112,28 @@ def _ref_unformatted(gold):
 
 # ------------------------------------------------------------------------------------------------ draws
 def _draw_seed_sets(rng: random.Random):
-    """Per-seed values of two arms, in one of three cases chosen at random: the 95% t-intervals are apart; only
-    mean +- sd bands are apart (the t-intervals overlap); everything overlaps. Never close to a boundary."""
-    from calibrl.report import mean_ci
+    """Per-seed values of two arms (same seeds, same order) in one of three cases chosen at random: the paired
+    difference's 95% t-interval excludes 0 while the two arms' own intervals overlap (seed-to-seed variation shared
+    by both arms); both exclude; neither. Never close to a boundary."""
+    from calibrl.stats import mean_ci
 
-    case = rng.choice(("apart", "sd-only", "overlap"))
-    while True:
-        n = rng.randint(2, 5)
-        sd = rng.uniform(0.005, 0.05)
-        a = [rng.gauss(0.35, sd) for _ in range(n)]
-        b = [rng.gauss(0.35 + rng.choice((-1, 1)) * rng.uniform(0.0, 12.0) * sd, sd) for _ in range(n)]
-        (ma, ha), (mb, hb) = mean_ci(a), mean_ci(b)
-        sa, sb = ha * math.sqrt(n) / _t95(n), hb * math.sqrt(n) / _t95(n)
-        gap = abs(ma - mb)
-        t_margin, sd_margin = gap - (ha + hb), gap - (sa + sb)
-        if min(abs(t_margin) / (ha + hb), abs(sd_margin) / (sa + sb)) < 0.05:
+    case = rng.choice(("paired-only", "both", "neither"))
+    for _ in range(10_000):
+        n = rng.randint(3, 6)
+        seed_sd, noise = rng.uniform(0.0, 0.1), rng.uniform(0.003, 0.03)
+        delta = rng.choice((-1, 1)) * rng.uniform(0.0, 8.0) * noise
+        base = [rng.gauss(0.35, seed_sd) for _ in range(n)]
+        a = [x + rng.gauss(0, noise) for x in base]
+        b = [x + delta + rng.gauss(0, noise) for x in base]
+        d, ca, cb = mean_ci([x - y for x, y in zip(a, b)]), mean_ci(a), mean_ci(b)
+        paired = abs(d["mean"]) - d["half"]
+        unpaired = abs(ca["mean"] - cb["mean"]) - (ca["half"] + cb["half"])
+        if abs(paired) < 0.05 * d["half"] or abs(unpaired) < 0.05 * (ca["half"] + cb["half"]):
             continue  # never near a boundary
-        got = "apart" if t_margin > 0 else "sd-only" if sd_margin > 0 else "overlap"
+        got = ("both" if unpaired > 0 else "paired-only") if paired > 0 else "neither"
         if got == case:
             return a, b
-
-
-def _t95(n: int) -> float:
-    from calibrl.report import mean_ci
-
-    return mean_ci([0.0, 1.0] + [0.5] * (n - 2))[1] * math.sqrt(n) / _sd([0.0, 1.0] + [0.5] * (n - 2))
-
-
-def _sd(v) -> float:
-    m = sum(v) / len(v)
-    return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+    return a, b
 
 
 def _draw_aligned(rng: random.Random):
@@ -265,9 +256,11 @@ def _all() -> list[Exercise]:
                  "the verifier reads the last <answer>...</answer>; the format needs <think>...</think> first",
                  lambda rng: (rng.choice(["red", "green", "blue", "yellow", "4", "12", "triangle"]),),
                  _ref_unformatted, "predicate"),
-        Exercise("05.beyond_band", "Exercise 05: outside the seed band?", "beyond_band(a: list, b: list) -> bool",
-                 "compute each arm's 95% t-interval over seeds (mean +- t * sd / sqrt(n), sd with n - 1; "
-                 "calibrl.report.mean_ci) and ask whether they overlap; which mean is larger is not the question",
+        Exercise("05.beyond_band", "Exercise 05: outside the seed band?",
+                 "beyond_band(a: list, b: list) -> bool  (a[i], b[i]: the two arms' values at seed i)",
+                 "pair the arms by seed (same seed = same prompts and start), take the differences a[i] - b[i] and "
+                 "their 95% t-interval (mean +- t(n-1) * sd / sqrt(n), sd with n - 1; calibrl.stats.mean_ci): "
+                 "is 0 outside it? Which mean is larger is not the question",
                  _draw_seed_sets, _ref_band, "bool", trials=18),
         Exercise("07.advantages", "Exercise 07.1: group advantages", "advantages(rewards[N], groups[N]) -> [N]",
                  "A = r - the mean reward of the row's own group (sum / group size), no std scaling",

@@ -62,19 +62,13 @@ def correct_but_unformatted(gold):
 
 
 def beyond_band(a, b):
-    """05: True when the 95% t-intervals of the two arms' per-seed values do not overlap."""
-    t95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-    def interval(v):
-        n, m = len(v), sum(v) / len(v)
-        if n == 1:
-            return m, m
-        sd = math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1))
-        h = t95.get(n - 1, 1.96) * sd / math.sqrt(n)
-        return m - h, m + h
-
-    (lo_a, hi_a), (lo_b, hi_b) = interval(a), interval(b)
-    return hi_a < lo_b or hi_b < lo_a
+    """05: True when the 95% t-interval of the paired differences a[i] - b[i] (same seed i) excludes 0."""
+    t975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+    d = [x - y for x, y in zip(a, b)]
+    n, m = len(d), sum(d) / len(d)
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1))
+    half = t975.get(n - 1, 1.96) * sd / math.sqrt(n)
+    return m - half > 0 or m + half < 0
 
 
 def advantages(rewards, groups):
