@@ -277,7 +277,7 @@ def _all() -> list[Exercise]:
                  "scalar"),
         Exercise("07.gate_failed_below", "Exercise 07.4: a gate fraction",
                  "gate_failed_below(logp, expert_logp, mask, passed) -> float",
-                 "count only failed rows' real tokens; 'below' includes equality (logp <= e)",
+                 "among failed rows' real tokens only (padding and passed rows do not count), the share with logp below e",
                  lambda rng: _b(rng, "logp", "expert_logp", "mask", "passed"), _ref_failed_below, "scalar"),
         Exercise("07.extract_answer", "Exercise 07.5: what the verifier extracts", "extract_last_answer(text) -> str",
                  "the last closed <answer>...</answer> wins, wherever it is; strip the spaces",

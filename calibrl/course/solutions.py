@@ -92,9 +92,9 @@ def guide_loss(logp, expert_logp, adv, mask, passed, slope):
 
 
 def gate_failed_below(logp, expert_logp, mask, passed):
-    """07: share of failed rows' real tokens with logp <= e (the slope side for a failed row)."""
+    """07: share of failed rows' real tokens with logp < e (the slope side for a failed row)."""
     failed = mask & ~passed[:, None]
-    return float(((logp <= expert_logp) & failed).sum() / failed.sum())
+    return float(((logp < expert_logp) & failed).sum() / failed.sum())
 
 
 def extract_last_answer(completion):
