@@ -135,6 +135,13 @@ WRONG = {
         "hard-coded constant": lambda cfg: 2,
         "counts micro-batches": lambda cfg: cfg.minibatches * cfg.grad_accum,
     },
+    "09.predicted_step": {
+        "the shares swapped": lambda p, q, a, c: (1 + c * (q + (1 - q) * a), 1 + c * (p + (1 - p) * a)),
+        "forgets the slope side": lambda p, q, a, c: (1 + c * p, 1 + c * q),
+        "forgets lambda": lambda p, q, a, c: (1 + p + (1 - p) * a, 1 + q + (1 - q) * a),
+        "the complement": lambda p, q, a, c: (1 + c * ((1 - p) + p * a), 1 + c * ((1 - q) + q * a)),
+        "hard-coded 5% and 9%": lambda p, q, a, c: (1.05, 1.09),
+    },
 }
 
 

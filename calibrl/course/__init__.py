@@ -30,6 +30,7 @@ SOLUTION_OF: dict[str, Callable] = {
     "07.advantages": solutions.advantages, "07.seq_mean_token_mean": solutions.seq_mean_token_mean,
     "07.guide_loss": solutions.guide_loss, "07.gate_failed_below": solutions.gate_failed_below,
     "07.extract_answer": solutions.extract_last_answer, "08.opt_steps": solutions.opt_steps,
+    "09.predicted_step": solutions.predicted_step,
 }
 
 __all__ = ["EXERCISES", "Exercise", "ExerciseIncorrect", "SOLUTIONS_ENV", "check", "hint", "solution",

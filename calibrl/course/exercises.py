@@ -285,6 +285,12 @@ def _all() -> list[Exercise]:
         Exercise("08.opt_steps", "Exercise 08: optimizer steps per RL step", "opt_steps(cfg: TrainConfig) -> int",
                  "one optimizer step per mini-batch per PPO epoch; gradient accumulation splits a mini-batch into "
                  "micro-batches without adding optimizer steps", _draw_cfg, _ref_opt_steps, "int"),
+        Exercise("09.predicted_step", "Exercise 09: the step CalibRL adds", "predicted_step(p, q, slope, guide_coef) -> "
+                 "(passed_factor, failed_factor)",
+                 "p: share of passed tokens on the weight-1 side, q: the same for failed tokens; the others get the "
+                 "slope. Each token's gradient is GRPO's times 1 + lambda * w: average w over the two sides",
+                 lambda rng: (rng.uniform(0, 1), rng.uniform(0, 1), _SLOPE(rng), rng.choice((0.1, 0.3, 0.5))),
+                 lambda p, q, a, c: torch.tensor([1 + c * (p + (1 - p) * a), 1 + c * (q + (1 - q) * a)]), "tensor"),
     ]
 
 

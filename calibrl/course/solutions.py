@@ -107,3 +107,8 @@ def extract_last_answer(completion):
 def opt_steps(cfg):
     """08: one optimizer step per mini-batch and epoch; gradient accumulation splits a mini-batch, it adds none."""
     return cfg.ppo_epochs * cfg.minibatches
+
+
+def predicted_step(p, q, slope, guide_coef):
+    """09: mean factor 1 + lambda * w with w = 1 on a share p (passed) / q (failed) of tokens and the slope elsewhere."""
+    return 1 + guide_coef * (p + (1 - p) * slope), 1 + guide_coef * (q + (1 - q) * slope)
