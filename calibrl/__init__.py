@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "advantage", "losses", "probes", "rewards", "tasks", "data", "models", "rollout", "trainer", "history",
-    "config", "figures", "widgets", "cli",
+    "config", "figures", "widgets", "cli", "course", "notebook",
 )
 _EXPORTS = {
     "group_advantages": "advantage", "pass_mask": "advantage", "group_stats": "advantage",
@@ -24,6 +24,7 @@ _EXPORTS = {
     "luffy_loss": "losses", "rlplus_loss": "losses",
     "load_policy": "models", "make_dataset": "tasks", "score": "rewards",
     "TrainConfig": "config", "LossConfig": "config", "History": "history", "train": "trainer",
+    "diagnose": "diagnosis",
 }
 
 __all__ = ["__version__", *_SUBMODULES, *_EXPORTS]

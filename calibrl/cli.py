@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("calibrl.evaluate", "sample answers from a model and print format rate and accuracy"),
     "build-tiny": ("calibrl.warmstart", "build and warm-start the embedded tiny Qwen2.5-VL"),
     "sweep": ("calibrl.sweep", "many (arm, seed) runs in parallel processes, resumable, with CIs over seeds"),
+    "notebooks-html": ("calibrl.notebooks_html", "execute notebooks and write static HTML pages with their figures"),
+    "diagnose": ("calibrl.diagnosis", "one rollout of your model on your data: will CalibRL's gate do anything?"),
 }
 
 

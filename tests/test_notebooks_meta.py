@@ -1,5 +1,6 @@
 """Every notebook: FAST first code cell, objectives, Summary and Exercises, Colab badge and Colab-only install,
-checker cells, no outputs. (Execution itself is `pytest --nbmake notebooks/`.)"""
+checked exercises through calibrl.course (learner stubs that return None, checkers on fresh random inputs), the
+static-figure setup, no outputs. (Execution itself is `pytest --nbmake notebooks/`.)"""
 import re
 from pathlib import Path
 
@@ -10,7 +11,12 @@ NB_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
 EXPECTED = ["00_setup_and_smoke_test", "01_grpo_from_scratch", "02_calibrl_loss", "03_probes_on_a_real_batch",
             "04_tasks_experts_verifiers", "05_train_grpo_vs_calibrl", "06_diagnostics_dashboard", "07_exercises",
-            "08_consumer_gpu_qlora"]
+            "08_consumer_gpu_qlora", "09_diagnose_your_setup"]
+# Notebooks other workstreams are rebuilding: 06 has no checked exercise yet and 06/08 may not yet call
+# calibrl.notebook.setup(); the rules below apply to them as soon as they do.
+PENDING_CHECKERS = {"06_diagnostics_dashboard"}
+PENDING_SETUP = {"06_diagnostics_dashboard", "08_consumer_gpu_qlora"}
+CHECK = re.compile(r'course\.check\("(\d\d)\.(\w+)", (\w+)\)')
 FAST_LINE = 'FAST = bool(os.environ.get("CI") or os.environ.get("CALIBRL_FAST"))'
 
 
@@ -26,7 +32,7 @@ def _markdown(nb):
     return "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
 
 
-def test_the_nine_notebooks_exist():
+def test_the_ten_notebooks_exist():
     assert [p.stem for p in NOTEBOOKS] == EXPECTED
 
 
@@ -62,12 +68,37 @@ def test_outputs_stripped(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_checked_exercises_assert_against_the_library(path):
+def test_checked_exercises_use_course_checkers_and_start_empty(path):
     srcs = [c.source for c in _code(_nb(path))]
-    checkers = [s for s in srcs if re.search(r"Exercise \d+: correct", s)]
-    assert checkers, "at least one checker cell"
-    for src in checkers:
-        assert "assert" in src and "is None" in src and "skipped" in src
+    checks = [(i, m) for i, src in enumerate(srcs) for m in CHECK.finditer(src)]
+    if not checks and path.stem in PENDING_CHECKERS:  # rebuilt elsewhere; bound by these rules once it has checkers
+        return
+    assert checks, "at least one calibrl.course checker"
+    from calibrl.course import EXERCISES
+    for i, m in checks:
+        number, _, fn = m.groups()
+        assert number == path.stem[:2] and f"{number}.{m.group(2)}" in EXERCISES
+        stubs = [s for s in srcs[:i] if re.search(rf"^def {fn}\(|^{fn} = None", s, re.M)]
+        assert stubs, f"{fn}: the learner's cell must come before its checker"
+        body = [ln.strip() for ln in stubs[-1].splitlines()[1:] if ln.strip() and not ln.strip().startswith("#")]
+        assert body in (["return None"], []), f"{fn}: the learner's cell must start empty (return None), got {body}"
+
+
+def test_every_exercise_is_used_by_a_notebook():
+    from calibrl.course import EXERCISES
+    used = {f"{m.group(1)}.{m.group(2)}" for p in NOTEBOOKS for c in _code(_nb(p)) for m in CHECK.finditer(c.source)}
+    assert used == set(EXERCISES)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_figures_render_without_a_kernel(path):
+    """calibrl.notebook.setup() runs before the first figure, so exports and static viewers show the figures."""
+    srcs = [c.source for c in _code(_nb(path))]
+    first_fig = next((i for i, s in enumerate(srcs) if ".show()" in s or "fig_" in s or "Explorer(" in s), None)
+    if first_fig is None or path.stem in PENDING_SETUP and not any("setup()" in s for s in srcs):
+        return
+    setup = next((i for i, s in enumerate(srcs) if "from calibrl.notebook import setup" in s and "setup()" in s), None)
+    assert setup is not None and setup < first_fig
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
