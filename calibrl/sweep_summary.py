@@ -275,3 +275,39 @@ def reading(summary: dict, metric: str, *, digits: int = 3) -> list[str]:
                          f"{d['hi']:+.{digits}f}) vs {summary['baseline']} over {d['n']} paired seeds: {sig} "
                          f"(higher in {d['wins']}/{d['n']} seeds)")
     return lines
+
+
+def arm_frame(summary: dict, metrics: tuple[str, ...] = PRIMARY_METRICS, *, diff: bool = False):
+    """A pandas DataFrame of the summary: one row per arm, `n` finished seeds, and per metric its mean and the CI
+    half-width (column "<metric> ±"); `diff=True` gives the paired differences against the baseline instead."""
+    import pandas as pd
+
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"metrics: unknown {unknown} (known: {sorted(METRICS)})")
+    rows = []
+    for arm, a in summary["arms"].items():
+        if diff and "vs_baseline" not in a:
+            continue
+        src = a["vs_baseline"] if diff else a["metrics"]
+        row: dict[str, Any] = {"arm": arm, "n": src[metrics[0]]["n"] if diff else len(a["seeds_done"])}
+        for m in metrics:
+            row[m] = None if src[m]["mean"] is None else round(src[m]["mean"], 4)
+            row[m + " ±"] = None if src[m]["half"] is None else round(src[m]["half"], 4)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("arm")
+
+
+def stand_in_study(root: str | os.PathLike) -> dict:
+    """A 2-step smoke sweep (GRPO and CalibRL, one seed) in `root`, loaded like a study: a pipeline check for
+    notebooks when the shipped study is missing. Its numbers are not evidence."""
+    from calibrl.sweep import load_spec, run_sweep
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "spec.json").write_text(json.dumps({
+        "name": "stand-in", "budget": "smoke", "baseline": "grpo", "seeds": 1,
+        "base": {"steps": 2, "eval_every": 2, "eval_n": 4, "pass_k": 2, "grad_split_every": 0},
+        "arms": [{"name": "grpo", "set": {"mode": "grpo"}}, {"name": "calibrl", "set": {"mode": "calibrl"}}]}))
+    run_sweep(load_spec(root / "spec.json"), root, workers=1, progress=False)
+    return load_study(root)

@@ -37,6 +37,15 @@ def _tm(x, m):
 
 
 WRONG = {
+    "06.paired_mean": {
+        "unpaired: difference of the two means": lambda a, b: (
+            sum(v for v in a.values() if v is not None) / sum(v is not None for v in a.values())
+            - sum(v for v in b.values() if v is not None) / sum(v is not None for v in b.values())),
+        "wrong sign": lambda a, b: -S.paired_mean(a, b),
+        "hard-coded constant": lambda a, b: 0.05,
+        "off-by-one: divides by n - 1": lambda a, b: (lambda d: sum(d) / (len(d) - 1))(
+            [a[s] - b[s] for s in a if s in b and a[s] is not None and b[s] is not None]),
+    },
     "00.passed": {
         "counts the format bonus as a pass": lambda r: r > 0,
         "forgets a correct answer without format": lambda r: r > 1.0,

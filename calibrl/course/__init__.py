@@ -27,6 +27,7 @@ SOLUTION_OF: dict[str, Callable] = {
     "01.clipped_surrogate": solutions.clipped_surrogate, "02.gate_weight": solutions.gate_weight,
     "02.step_factor": solutions.step_factor, "03.aligned_baseline": solutions.aligned_baseline,
     "04.correct_but_unformatted": solutions.correct_but_unformatted, "05.beyond_band": solutions.beyond_band,
+    "06.paired_mean": solutions.paired_mean,
     "07.advantages": solutions.advantages, "07.seq_mean_token_mean": solutions.seq_mean_token_mean,
     "07.guide_loss": solutions.guide_loss, "07.gate_failed_below": solutions.gate_failed_below,
     "07.extract_answer": solutions.extract_last_answer, "08.opt_steps": solutions.opt_steps,

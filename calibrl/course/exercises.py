@@ -104,6 +104,28 @@ def _ref_band(a, b):
     return d["lo"] > 0 or d["hi"] < 0
 
 
+def _ref_paired_mean(arm, base):
+    from calibrl.stats import paired_diff
+
+    return torch.tensor(paired_diff(arm, base)["mean"], dtype=torch.float64)
+
+
+def _draw_seed_dicts(rng: random.Random):
+    """Per-seed values {seed: value or None} of an arm and the baseline whose finished seeds only partly overlap
+    (a partial sweep), with a shared seed effect: the paired mean differs from the difference of the two means."""
+    seeds = list(range(rng.randint(6, 10)))
+    effect = {s: rng.gauss(0.4, 0.15) for s in seeds}
+    delta = rng.uniform(0.03, 0.1) * rng.choice((-1, 1))
+    arm = {s: effect[s] + delta + rng.gauss(0, 0.01) for s in seeds if rng.random() < 0.8}
+    base = {s: effect[s] + rng.gauss(0, 0.01) for s in seeds if rng.random() < 0.8}
+    for d in (arm, base):  # an unfinished seed
+        d[seeds[-1] + 1 + len(d) % 2] = None
+    common = set(arm) & set(base)
+    if len([s for s in common if arm[s] is not None and base[s] is not None]) < 2 or set(arm) == set(base):
+        return _draw_seed_dicts(rng)
+    return arm, base
+
+
 def _ref_unformatted(gold):
     from calibrl.rewards import score
 
@@ -262,6 +284,11 @@ def _all() -> list[Exercise]:
                  "their 95% t-interval (mean +- t(n-1) * sd / sqrt(n), sd with n - 1; calibrl.stats.mean_ci): "
                  "is 0 outside it? Which mean is larger is not the question",
                  _draw_seed_sets, _ref_band, "bool", trials=18),
+        Exercise("06.paired_mean", "Exercise 06: the paired difference of a partial sweep",
+                 "paired_mean(arm: dict, base: dict) -> float  ({seed: value, or None for an unfinished run})",
+                 "pair by seed: only seeds finished (not None) in BOTH arms count; average arm[s] - base[s] over them "
+                 "(calibrl.stats.paired_diff). The difference of the two arms' own means mixes different seeds",
+                 _draw_seed_dicts, _ref_paired_mean, "scalar"),
         Exercise("07.advantages", "Exercise 07.1: group advantages", "advantages(rewards[N], groups[N]) -> [N]",
                  "A = r - the mean reward of the row's own group (sum / group size), no std scaling",
                  lambda rng: _groups(rng), _ref_group_adv("none"), "tensor"),

@@ -71,6 +71,12 @@ def beyond_band(a, b):
     return m - half > 0 or m + half < 0
 
 
+def paired_mean(arm, base):
+    """06: mean of arm[s] - base[s] over the seeds finished in both."""
+    d = [arm[s] - base[s] for s in arm if s in base and arm[s] is not None and base[s] is not None]
+    return sum(d) / len(d)
+
+
 def advantages(rewards, groups):
     """07: A = r - mean reward of the row's group."""
     means = torch.stack([rewards[groups == g].mean() for g in groups])
