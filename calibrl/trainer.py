@@ -45,11 +45,12 @@ def check_inputs(cfg: TrainConfig, policy: Any, train_data: Any, eval_data: Any 
     from calibrl.prefix import checkpointing
 
     cfg.validate()
+    proc = getattr(policy, "processor", None)  # the one getattr: `policy` is not yet known to be a Policy
+    if proc is None or not hasattr(proc, "image_processor"):
+        raise ValueError(f"policy.processor: expected a multimodal processor (with an image_processor) for model "
+                         f"{cfg.model!r}, got {type(proc).__name__}")
     if not isinstance(policy, Policy):
         raise ValueError(f"policy: expected a calibrl.models.Policy, got {type(policy).__name__}")
-    if policy.processor is None or not hasattr(policy.processor, "image_processor"):
-        raise ValueError(f"policy.processor: expected a multimodal processor (with an image_processor) for model "
-                         f"{cfg.model!r}, got {type(policy.processor).__name__}")
     if cfg.sampler == "shared-prefix" and checkpointing(policy.model):
         raise ValueError("sampler: 'shared-prefix' cannot run with gradient checkpointing on; use 'auto' or 'generate'")
     for name, data in (("train_data", train_data), ("eval_data", eval_data)):
