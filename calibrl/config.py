@@ -139,7 +139,14 @@ class TrainConfig:
     max_new_tokens: int = 32
     """Maximum sampled response length in tokens (also the norm length of seq-mean-token-sum-norm)."""
     max_expert_tokens: int = 256
-    """Expert solutions are truncated to this many tokens (EOS included)."""
+    """Expert solutions are tokenized up to this many tokens (EOS included); the probes that describe the expert
+    (expert_len_mean, entropy_expert) read the whole row. What is trained on or summed is cut by `expert_horizon`."""
+    expert_horizon: str = "on-policy"
+    """Where an expert row is trained on (LUFFY, RL-PLUS) or summed (CalibRL's sequence and mean-token gaps):
+    "on-policy" (default) cuts it to its first max_new_tokens tokens, the part a sampler limited to max_new_tokens
+    could produce, so expert and on-policy sums cover the same horizon; "full" uses the whole row up to
+    max_expert_tokens (what the official LUFFY/RL-PLUS code does with its long expert budget). CalibRL's default
+    token gap reads only the first T positions either way."""
     temperature: float = 1.0
     """Sampling temperature; the training log-probs use the same temperature-scaled logits."""
     top_p: float = 1.0
@@ -151,7 +158,19 @@ class TrainConfig:
     in EVERY mode: mini-batches are made of whole prompts (on-policy rows plus, for LUFFY/RL-PLUS, the prompt's expert
     row), so an expert row never adds a step (the official code gives CalibRL 5 steps and GRPO 4; not repeated here)."""
     grad_accum: int = 1
-    """Micro-batches per mini-batch whose gradients are accumulated before the optimizer step."""
+    """Micro-batches per mini-batch whose gradients are accumulated before the optimizer step. Micro-batches are
+    whole prompts (a prompt's rows and its expert row stay together), so grad_accum must be <= the prompts of a
+    mini-batch; when it does not divide them, the micro-batches differ in size by one prompt."""
+    loss_norm: str = "micro-batch"
+    """How micro-batch losses combine into the mini-batch gradient. "micro-batch" (default): each micro-batch is
+    aggregated on its own (e.g. its own token-mean) and divided by grad_accum -- the official CalibRL code's
+    behaviour (its old verl fork). "mini-batch": each micro-batch is weighted by its share of the mini-batch's
+    normalising units (tokens for token-mean, rows for the seq-mean modes, 1 for seq-mean-token-sum-norm), so the
+    gradient equals that of one loss over the whole mini-batch -- verl 0.9.1's global normalisation. The two agree
+    when grad_accum = 1."""
+    max_consecutive_skips: int = 5
+    """A mini-batch whose log-probs, loss or gradients are non-finite is skipped (no optimizer step; the History
+    row says why); this many consecutive skipped optimizer steps stop the run with an error (history kept)."""
     lr: float = 5e-4
     """AdamW learning rate (constant) of the LoRA weights. On the shipped tiny model (GRPO, small budget, 1 seed):
     2e-4 moved it little (KL to start 0.003 after 12 steps); 1e-3 learned stably over 24 steps (KL 0.046, format
@@ -178,10 +197,20 @@ class TrainConfig:
     """Log kl_to_start every this many steps (one no-grad forward with the adapter disabled); 0 = never."""
     grad_split_every: int = 1
     """Measure the policy-vs-guidance gradient split every this many steps (calibrl only); 0 = never."""
-    recompute_old_logp: bool = False
-    """False: old log-probs of on-policy rows are the sampler's own (masked, temperature-scaled) logits and one
-    forward computes the expert rows; True: one teacher-forced forward over on-policy and expert rows together.
-    Either way logp_gap_max checks the sampler against the training forward every step."""
+    recompute_old_logp: bool | None = None
+    """False: old log-probs of on-policy rows are the sampler's own (recorded while decoding) and one forward
+    computes the expert rows; True: one teacher-forced forward over on-policy and expert rows together; None (auto):
+    True when the policy does not run in float32 (bf16/fp16/4-bit, where sampler and training kernels differ and the
+    first mini-batch's ratio would not be 1), else False. Either way logp_gap_max compares the sampler's recorded
+    log-probs with the training forward every step."""
+    sampler: str = "auto"
+    """Sampling path: "shared-prefix" (Qwen2/2.5-VL: the prompt runs once per prompt, its KV cache shared by the G
+    rows, in sampling and in the training forward; not with gradient checkpointing), "generate" (transformers
+    `generate` with a whitelisted config and a logits processor that is calibrl's distribution; any VLM) or "auto"
+    (shared-prefix where supported). Both sample the same distribution and record its log-probs."""
+    gradient_checkpointing: bool | None = None
+    """Gradient checkpointing of the policy (passed to calibrl.models.load_policy): None = on for 4-bit, off
+    otherwise. It disables the shared-prefix path (sampler "auto" then takes "generate")."""
     samples_per_step: int = 4
     """On-policy responses per step written to samples.jsonl (entropy heatmap)."""
     save_every: int = 1
@@ -250,7 +279,8 @@ class TrainConfig:
             raise ValueError(f"model: expected 'tiny', a path or a hub id, got {self.model!r}")
         ints = dict(steps=1, prompts_per_step=1, group_size=2, max_new_tokens=1, max_expert_tokens=2, ppo_epochs=1,
                     minibatches=1, grad_accum=1, lora_r=1, lora_alpha=1, train_size=1, eval_every=0, eval_n=1,
-                    pass_k=1, kl_every=0, grad_split_every=0, samples_per_step=0, save_every=0)
+                    pass_k=1, kl_every=0, grad_split_every=0, samples_per_step=0, save_every=0,
+                    max_consecutive_skips=1)
         for name, lo in ints.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -258,9 +288,18 @@ class TrainConfig:
         if self.prompts_per_step % self.minibatches:
             raise ValueError(f"minibatches: must divide prompts_per_step={self.prompts_per_step} (mini-batches are "
                              f"whole prompts, so every mode takes the same optimizer steps), got {self.minibatches}")
-        if (self.prompts_per_step // self.minibatches) * self.group_size < self.grad_accum:
-            raise ValueError(f"grad_accum: expected <= rows per mini-batch "
-                             f"({self.prompts_per_step // self.minibatches * self.group_size}), got {self.grad_accum}")
+        if self.prompts_per_step // self.minibatches < self.grad_accum:
+            raise ValueError(f"grad_accum: expected <= prompts per mini-batch "
+                             f"({self.prompts_per_step // self.minibatches}; micro-batches are whole prompts), "
+                             f"got {self.grad_accum}")
+        choices = dict(sampler=("auto", "shared-prefix", "generate"), loss_norm=("micro-batch", "mini-batch"),
+                       expert_horizon=("on-policy", "full"))
+        for name, ok in choices.items():
+            if getattr(self, name) not in ok:
+                raise ValueError(f"{name}: expected one of {ok}, got {getattr(self, name)!r}")
+        for name in ("recompute_old_logp", "gradient_checkpointing"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"{name}: expected None, True or False, got {getattr(self, name)!r}")
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature: expected a finite value > 0, got {self.temperature!r}")
         if not (0.0 < self.top_p <= 1.0):

@@ -27,91 +27,81 @@ def check_image(image: Any, index: int = 0) -> Any:
     return _check(image, label=f"image[{index}]", min_side=None, max_side=None)
 
 
-def _decode(policy: Any, ids: Sequence[int], eos_ids: set[int]) -> tuple[str, int]:
-    out = []
-    for i in ids:
-        if i in eos_ids:
-            break
-        out.append(int(i))
-    return policy.tokenizer.decode(out, skip_special_tokens=False), len(out)
-
-
 def generate_completions(policy: Any, images: Sequence[Any], questions: Sequence[str], *, temperature: float,
-                         max_new_tokens: int) -> list[str]:
-    """One sampled (or greedy, temperature 0) completion per (image, question), batched, left-padded."""
+                         max_new_tokens: int, n_samples: int = 1, top_p: float = 1.0,
+                         sampler: str = "auto") -> list[str]:
+    """`n_samples` sampled (or greedy, temperature 0) completions per (image, question), grouped by prompt, from the
+    training sampler (calibrl.rollout.sample_groups: the same distribution, prompt encoder and EOS ids)."""
     import torch
 
-    from calibrl.data import build_messages
-    from calibrl.models import generation_kwargs
+    from calibrl.prompts import encode_prompts
+    from calibrl.rollout import sample_groups
 
-    if len(images) != len(questions) or not questions:
-        raise ValueError(f"images/questions: expected equal non-zero lengths, got {len(images)} and {len(questions)}")
-    proc, tok = policy.processor, policy.tokenizer
-    texts = [proc.apply_chat_template(build_messages(q), add_generation_prompt=True, tokenize=False) for q in questions]
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        enc = proc(text=texts, images=[[check_image(im, i)] for i, im in enumerate(images)], padding=True,
-                   return_tensors="pt")
-    finally:
-        tok.padding_side = side
-    enc = {k: v.to(policy.device) for k, v in enc.items()}
-    kw = generation_kwargs(policy, temperature=temperature, max_new_tokens=max_new_tokens)
-    with torch.no_grad():
-        seq = policy.model.generate(**enc, **kw)
-    comp = seq[:, enc["input_ids"].shape[1]:].tolist()
-    eos = kw["eos_token_id"]
-    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
-    return [_decode(policy, c, eos_ids)[0] for c in comp]
+    greedy = temperature == 0
+    inputs = encode_prompts(policy, list(images), list(questions))
+    s = sample_groups(policy, inputs, n_samples, max_new_tokens=max_new_tokens, temperature=1.0 if greedy else temperature,
+                      top_p=top_p, greedy=greedy, sampler=sampler)
+    ids = torch.where(s.mask, s.completion_ids, policy.pad_token_id).cpu()
+    return policy.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 def evaluate(policy: Any, dataset: Any, *, temperature: float = 1.0, n_samples: int = 1, batch_size: int = 32,
-             max_new_tokens: int = 64, seed: int = 0, return_rows: bool = False) -> dict[str, Any]:
-    """Sample `n_samples` answers per prompt of `dataset` (columns image, question, answer) and score them.
+             max_new_tokens: int = 64, seed: int | None = 0, return_rows: bool = False, top_p: float = 1.0,
+             sampler: str = "auto") -> dict[str, Any]:
+    """Sample `n_samples` answers per prompt of `dataset` (columns image, question, answer) and score them: the one
+    held-out evaluator (the trainer's eval columns come from it).
 
     Returns floats accuracy (mean over all samples), format_rate, reward_mean, pass_at_k (share of prompts with at
     least one correct sample), mean_chars, and ints n_prompts, n_samples; with `return_rows`, also `rows`: one dict
     per sample in the `eval --out` schema (question, answer, completion, pred, correct, prompt_id).
-    temperature 0 is greedy (then n_samples must be 1). `seed` seeds torch's RNG before sampling.
+    temperature 0 is greedy (then n_samples must be 1). `batch_size` bounds the rows of one sampler call (whole
+    prompts, at least one). `seed` seeds torch's RNG before sampling; None leaves it alone (the trainer's stream).
     """
-    import torch
-
     from calibrl.rewards import extract_answer, score
 
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+                                             and temperature >= 0):
         raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
-    if not (isinstance(n_samples, int) and n_samples >= 1):
+    if isinstance(n_samples, bool) or not (isinstance(n_samples, int) and n_samples >= 1):
         raise ValueError(f"n_samples: expected an int >= 1, got {n_samples!r}")
     if temperature == 0 and n_samples != 1:
         raise ValueError(f"n_samples: greedy decoding (temperature 0) gives identical samples; expected 1, got {n_samples}")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
+    if isinstance(batch_size, bool) or not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed: expected None or an int, got {seed!r}")
     missing = [c for c in ("image", "question", "answer") if c not in getattr(dataset, "column_names", [])]
     if missing:
         raise ValueError(f"dataset: missing column(s) {missing}; expected image, question, answer")
     if len(dataset) == 0:
         raise ValueError("dataset: expected at least one prompt, got 0")
-    torch.manual_seed(seed)
-    jobs = [(i, s) for i in range(len(dataset)) for s in range(n_samples)]
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+    per_call = max(1, batch_size // n_samples)
     rows: list[dict[str, Any]] = []
-    fmts, rewards = [], []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        exs = [dataset[i] for i, _ in chunk]
+    accs, fmts, rewards = [], [], []
+    for start in range(0, len(dataset), per_call):
+        pids = list(range(start, min(start + per_call, len(dataset))))
+        exs = [dataset[i] for i in pids]
         comps = generate_completions(policy, [e["image"] for e in exs], [e["question"] for e in exs],
-                                     temperature=temperature, max_new_tokens=max_new_tokens)
-        for (pid, _), ex, c in zip(chunk, exs, comps):
+                                     temperature=temperature, max_new_tokens=max_new_tokens, n_samples=n_samples,
+                                     top_p=top_p, sampler=sampler)
+        for j, c in enumerate(comps):
+            pid, ex = pids[j // n_samples], exs[j // n_samples]
             sc = score(c, ex["answer"])
+            accs.append(float(sc["acc"]))
             fmts.append(float(sc["fmt"]))
             rewards.append(float(sc["reward"]))
             rows.append({"question": ex["question"], "answer": str(ex["answer"]), "completion": c,
                          "pred": extract_answer(c), "correct": bool(sc["passed"]), "prompt_id": pid})
-    correct = [r["correct"] for r in rows]
     by_prompt: dict[int, bool] = {}
     for r in rows:
         by_prompt[r["prompt_id"]] = by_prompt.get(r["prompt_id"], False) or r["correct"]
     out: dict[str, Any] = {
         "n_prompts": len(dataset), "n_samples": n_samples, "temperature": float(temperature),
-        "accuracy": sum(correct) / len(correct), "format_rate": sum(fmts) / len(fmts),
+        "accuracy": sum(accs) / len(accs), "format_rate": sum(fmts) / len(fmts),
         "reward_mean": sum(rewards) / len(rewards), "pass_at_k": sum(by_prompt.values()) / len(by_prompt),
         "mean_chars": sum(len(r["completion"]) for r in rows) / len(rows)}
     if return_rows:
@@ -127,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=HELDOUT_SEED, help=f"dataset seed (default {HELDOUT_SEED}, held out)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
     parser.add_argument("--samples-per-prompt", type=int, default=4, help="samples per prompt (1 when greedy)")
-    parser.add_argument("--batch-size", type=int, default=64, help="rows per generate call")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per sampler call (whole prompts)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quantization", choices=["4bit"], default=None, help="load the model in 4-bit (GPU)")

@@ -16,9 +16,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # typing only: importing transformers here would slow `import calibrl`
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 TINY_NAME = "tiny"
 DEFAULT_HUB_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -36,16 +39,33 @@ def tiny_path() -> Path:
 
 @dataclass
 class Policy:
-    """A loaded policy. `suppress_token_ids` are suppressed in `generate` and set to -inf in log-prob forwards."""
-    model: Any
-    processor: Any
-    tokenizer: Any
+    """A loaded policy: what the rollout, trainer and evaluator need, read as attributes (never getattr).
+
+    `suppress_token_ids` are suppressed in sampling and set to -inf in log-prob forwards. `eos_token_ids` lists
+    every id that ends a response (Instruct checkpoints have several; one may equal the pad id); `eos_token_id` is
+    the first (the chat turn terminator), the one appended to expert rows. `model` may be a PEFT wrapper."""
+    model: "PreTrainedModel"
+    processor: "ProcessorMixin"
+    tokenizer: "PreTrainedTokenizerBase"
     name: str
     suppress_token_ids: list[int] = field(default_factory=list)
     eos_token_id: int = 0
     pad_token_id: int = 0
     is_lora: bool = False
     quantization: str | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.eos_token_ids:
+            self.eos_token_ids = [self.eos_token_id]
+        ids = self.eos_token_ids
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ValueError(f"eos_token_ids: expected non-negative ints, got {ids!r}")
+        if self.eos_token_id != ids[0]:
+            raise ValueError(f"eos_token_id: expected the first of eos_token_ids {ids}, got {self.eos_token_id}")
+        clash = sorted(set(ids) & set(self.suppress_token_ids))
+        if clash:
+            raise ValueError(f"suppress_token_ids: must not contain EOS ids (a response could never end), got {clash}")
 
     @property
     def device(self) -> torch.device:
@@ -238,7 +258,8 @@ def load_policy(name_or_path: str = TINY_NAME, *, quantization: str | None = Non
     else:
         model.eval()
     return Policy(model=model, processor=processor, tokenizer=tok, name=str(name_or_path), suppress_token_ids=suppress,
-                  eos_token_id=eos[0], pad_token_id=pad, is_lora=bool(lora), quantization=quantization)
+                  eos_token_id=eos[0], pad_token_id=pad, is_lora=bool(lora), quantization=quantization,
+                  eos_token_ids=eos)
 
 
 def policy_from_model(model: Any, processor: Any, name: str = "in-memory") -> Policy:
@@ -251,7 +272,7 @@ def policy_from_model(model: Any, processor: Any, name: str = "in-memory") -> Po
     eos = _eos_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     return Policy(model=model, processor=processor, tokenizer=tok, name=name, suppress_token_ids=suppress_ids_for(tok, eos),
-                  eos_token_id=eos[0], pad_token_id=pad, is_lora=bool(lora_module_names(model)))
+                  eos_token_id=eos[0], pad_token_id=pad, is_lora=bool(lora_module_names(model)), eos_token_ids=eos)
 
 
 def _bnb_config(dev: torch.device, dt: torch.dtype) -> Any:
@@ -310,8 +331,8 @@ def generation_kwargs(policy: Policy, *, temperature: float = 1.0, max_new_token
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
     if not (0 < top_p <= 1):
         raise ValueError(f"top_p: expected 0 < top_p <= 1, got {top_p!r}")
-    eos = getattr(policy.model.generation_config, "eos_token_id", None) or policy.eos_token_id
-    kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=policy.pad_token_id, eos_token_id=eos,
+    kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=policy.pad_token_id,
+                              eos_token_id=list(policy.eos_token_ids),
                               suppress_tokens=list(policy.suppress_token_ids) or None)
     if temperature == 0:
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)

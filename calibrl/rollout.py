@@ -1,178 +1,162 @@
-"""Rollout: G samples per prompt with `generate`, expert rows, and the teacher-forced log-probs that match the sampler.
+"""Rollout: G samples per prompt, expert rows, and the old log-probs, from one sampling distribution on every path.
 
-The one invariant everything rests on: `sequence_logprobs` reproduces the sampler's log-probs. It uses the same
-masked logits (suppressed vision tokens at -inf), the same temperature, the same positions (Qwen2.5-VL needs
-`mm_token_type_ids`, extended with zeros over the completion) and never lets a -inf log-prob of a pad after EOS
-reach arithmetic (`torch.where`, not multiplication by the mask).
+The invariant everything rests on: the trainer's teacher-forced log-probs are the sampler's. Both sampler paths draw
+from calibrl.logprobs.sampler_log_softmax (suppressed ids at -inf, temperature) and record the chosen tokens'
+log-probs while decoding, and the teacher-forced passes of the same path go through
+calibrl.logprobs.head_token_logprobs:
+- "shared-prefix" (calibrl.prefix, Qwen2/2.5-VL without gradient checkpointing): the image and prompt run once per
+  prompt and their KV cache is shared by the prompt's G rows, in sampling and in the training forward;
+- "generate" (calibrl.plain, any VLM): `generate` with a clean, whitelisted generation config (the checkpoint's
+  repetition_penalty, top_k, ... are never inherited) and one forward per row for teacher forcing.
+`sampler="auto"` takes the shared prefix where supported. Every EOS id of the checkpoint ends a response.
 
-Two equivalent paths: `sequence_logprobs` (plain: one forward per row over prompt + completion, any VLM) and, for
-Qwen2/2.5-VL, calibrl.prefix (the image and prompt run once per prompt and their KV cache is shared by the prompt's
-G rows, in sampling and in the training forward). `rows_logprobs` and `sample_groups` pick the path; tests check
-both against the sampler and against each other, and the trainer logs the sampler-vs-trainer gap every step.
+The data path of one RL step is split in stages: `rollout` (sample + old/expert/ref log-probs, no scoring),
+`score_rollout` (rewards with a pluggable `reward_fn`) and `with_advantages`; `collect_rollout` runs all three.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from calibrl.config import TrainConfig
+from calibrl.logprobs import entropy_from_logp, head_token_logprobs, sampler_log_softmax, token_logprobs  # noqa: F401
+from calibrl.prompts import encode_prompts, select_rows  # noqa: F401  (public here for compatibility)
 
 Inputs = dict[str, torch.Tensor]
+SAMPLERS = ("auto", "shared-prefix", "generate")
+RewardFn = Callable[[str, Any], dict]
 
 
-# ----------------------------------------------------------------------------------------------- prompts and rows
-def encode_prompts(policy: Any, images: Sequence[Any], questions: Sequence[str]) -> Inputs:
-    """Processor output for one image + question per prompt, left-padded (rows = prompts)."""
-    from calibrl.data import build_messages
-
-    if len(images) != len(questions) or not questions:
-        raise ValueError(f"images/questions: expected equal non-zero lengths, got {len(images)} and {len(questions)}")
-    proc = policy.processor
-    if proc is None or not hasattr(proc, "image_processor"):
-        raise ValueError(f"policy.processor: expected a multimodal processor with an image_processor, got "
-                         f"{type(proc).__name__}")
-    texts = [proc.apply_chat_template(build_messages(q), add_generation_prompt=True, tokenize=False) for q in questions]
-    tok = policy.tokenizer
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        enc = proc(text=texts, images=[[im] for im in images], padding=True, return_tensors="pt")
-    finally:
-        tok.padding_side = side
-    device = next(policy.model.parameters()).device
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in enc.items()}
+# ------------------------------------------------------------------------------------------------- masks, paths
+def _eos_list(eos_token_ids: int | Sequence[int]) -> list[int]:
+    ids = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"eos_token_ids: expected an int or a non-empty list of ints, got {eos_token_ids!r}")
+    return ids
 
 
-def _image_chunks(inputs: Inputs) -> list[torch.Tensor] | None:
-    if "pixel_values" not in inputs:
-        return None
-    grid = inputs.get("image_grid_thw")
-    if grid is None:  # one fixed-size image per row (LLaVA-like processors)
-        return list(inputs["pixel_values"].unbind(0))
-    sizes = grid.prod(-1).tolist()
-    return list(inputs["pixel_values"].split(sizes, 0))
+def response_mask(completion_ids: torch.Tensor, eos_token_ids: int | Sequence[int]) -> torch.Tensor:
+    """Bool [N,T]: True up to and including the first EOS (any of `eos_token_ids`; all True when a row never ends).
+    Works when an EOS id is also the pad id (the pads after the first EOS are masked)."""
+    eos = torch.as_tensor(_eos_list(eos_token_ids), dtype=completion_ids.dtype, device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, eos).long()
+    return (torch.cumsum(is_eos, 1) - is_eos) == 0  # no EOS strictly before t
 
 
-def select_rows(inputs: Inputs, rows: torch.Tensor | Sequence[int]) -> Inputs:
-    """Rows `rows` (repeats allowed) of a prompt batch, with the flattened per-image pixel patches re-gathered."""
-    rows = torch.as_tensor(rows, dtype=torch.long)
-    n = inputs["input_ids"].shape[0]
-    if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= n:
-        raise ValueError(f"rows: expected a non-empty index into {n} prompts, got {rows.tolist()}")
-    out = {k: v[rows] for k, v in inputs.items() if k not in ("pixel_values",) and torch.is_tensor(v) and v.shape[0] == n}
-    chunks = _image_chunks(inputs)
-    if chunks is not None:
-        if "image_grid_thw" in inputs:
-            out["pixel_values"] = torch.cat([chunks[i] for i in rows.tolist()], 0)
-        else:
-            out["pixel_values"] = torch.stack([chunks[i] for i in rows.tolist()], 0)
-    return out
+def resolve_sampler(policy: Any, inputs: Inputs, sampler: str = "auto") -> str:
+    """The sampler path for these inputs: "shared-prefix" or "generate". ValueError when "shared-prefix" is asked
+    for but cannot run (the reason named)."""
+    from calibrl import prefix
 
-
-# ------------------------------------------------------------------------------------------------------ log-probs
-def sampler_log_softmax(logits: torch.Tensor, suppress_token_ids: Sequence[int],
-                        temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs [..., V] of the distribution the sampler draws from: float32 logits, suppressed ids at -inf, divided
-    by temperature. The one definition used by sampling (calibrl.prefix) and by every teacher-forced forward, so the
-    trainer's log-probs are the sampler's (a mismatch silently turns RL off-policy)."""
-    z = logits.float()
-    if len(suppress_token_ids):
-        idx = torch.as_tensor(list(suppress_token_ids), dtype=torch.long, device=z.device)
-        z = z.index_fill(-1, idx, float("-inf"))
-    return torch.log_softmax(z / temperature, dim=-1)
-
-
-def entropy_from_logp(logp_all: torch.Tensor) -> torch.Tensor:
-    """Entropy over the last axis from log-probs; -inf entries (suppressed ids) contribute 0 instead of NaN."""
-    return -(logp_all.exp() * torch.where(torch.isfinite(logp_all), logp_all, torch.zeros_like(logp_all))).sum(-1)
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
-                   suppress_token_ids: Sequence[int], temperature: float = 1.0,
-                   return_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs of `targets` [N,T] under logits [N,T,V] masked like the sampler; 0 where mask is 0.
-
-    Suppressed ids get -inf, then logits / temperature, log_softmax in float32. Entropy (optional) is of the
-    same distribution, 0 at masked positions.
-    """
-    if logits.dim() != 3 or logits.shape[:2] != targets.shape or mask.shape != targets.shape:
-        raise ValueError(f"logits/targets/mask: expected [N,T,V], [N,T], [N,T], got {tuple(logits.shape)}, "
-                         f"{tuple(targets.shape)}, {tuple(mask.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature: expected > 0, got {temperature}")
-    logp_all = sampler_log_softmax(logits, suppress_token_ids, temperature)
-    m = mask.bool()
-    logp = logp_all.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    logp = torch.where(m, logp, torch.zeros_like(logp))  # pads after EOS may be suppressed ids: -inf
-    ent = None
-    if return_entropy:
-        ent = entropy_from_logp(logp_all)
-        ent = torch.where(m, ent, torch.zeros_like(ent))
-    return logp, ent
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+    why = prefix.unsupported_reason(policy.model, inputs) if sampler != "generate" else "not asked for"
+    if sampler == "shared-prefix" and why:
+        raise ValueError(f"sampler: 'shared-prefix' cannot run: {why}; use 'generate' or 'auto'")
+    return "shared-prefix" if why is None else "generate"
 
 
 def sequence_logprobs(model: Any, inputs: Inputs, completion_ids: torch.Tensor, completion_mask: torch.Tensor, *,
                       suppress_token_ids: Sequence[int], temperature: float = 1.0, return_entropy: bool = False,
                       fill_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Teacher-forced log-probs [N,T] of `completion_ids` after the left-padded prompts `inputs` (N rows).
+    """Plain-path teacher-forced log-probs [N,T] of `completion_ids` after the left-padded prompts `inputs` (N rows);
+    0 where `completion_mask` is 0. Gradient flows outside `torch.no_grad()`."""
+    from calibrl.logprobs import decoder_and_head
+    from calibrl.plain import sequence_hidden
 
-    Reproduces `generate`: attention_mask and mm_token_type_ids (zeros) are extended over the completion, the
-    suppressed ids are masked to -inf, logits are temperature-scaled, and only the last T+1 positions are computed
-    (`logits_to_keep`). Positions where `completion_mask` is 0 return 0 (never -inf or NaN). Gradient flows when
-    called outside `torch.no_grad()`.
-    """
-    ids = inputs["input_ids"]
     n, t = completion_ids.shape
-    if ids.shape[0] != n or completion_mask.shape != (n, t):
-        raise ValueError(f"completion_ids/completion_mask: expected [{ids.shape[0]}, T] each, got "
+    if inputs["input_ids"].shape[0] != n or completion_mask.shape != (n, t):
+        raise ValueError(f"completion_ids/completion_mask: expected [{inputs['input_ids'].shape[0]}, T] each, got "
                          f"{tuple(completion_ids.shape)} and {tuple(completion_mask.shape)}")
     m = completion_mask.bool()
     if not m.any():
         raise ValueError("completion_mask: expected at least one real completion token, got all zeros")
     fill = fill_token_id if fill_token_id is not None else int(completion_ids[m][0])
-    comp = torch.where(m, completion_ids, torch.full_like(completion_ids, fill))  # a pad is never an image token
-    kw = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    kw["input_ids"] = torch.cat([ids, comp], 1)
-    kw["attention_mask"] = torch.cat([inputs["attention_mask"], m.to(inputs["attention_mask"].dtype)], 1)
-    if "mm_token_type_ids" in inputs:
-        mm = inputs["mm_token_type_ids"]
-        kw["mm_token_type_ids"] = torch.cat([mm, torch.zeros_like(completion_ids, dtype=mm.dtype)], 1)
-    out = model(**kw, logits_to_keep=t + 1, use_cache=False)
-    logits = out.logits[:, :-1]
-    return token_logprobs(logits, completion_ids, m, suppress_token_ids=suppress_token_ids,
-                          temperature=temperature, return_entropy=return_entropy)
+    hidden = sequence_hidden(model, inputs, completion_ids, m, fill)
+    return head_token_logprobs(hidden, decoder_and_head(model)[1], completion_ids, m,
+                               suppress_token_ids=suppress_token_ids, temperature=temperature,
+                               return_entropy=return_entropy)
 
 
-def response_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """Bool [N,T]: True up to and including the first EOS (all True when a row never ends)."""
-    is_eos = completion_ids == eos_token_id
-    before = torch.cumsum(is_eos.long(), 1) - is_eos.long()  # number of EOS strictly before t
-    return before == 0
+def _rows_logprobs(policy: Any, inputs: Inputs, row_prompt: torch.Tensor, comp: torch.Tensor, mask: torch.Tensor,
+                   temperature: float, return_entropy: bool, path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Unchecked kernel of `rows_logprobs` (inputs already validated, path resolved)."""
+    from calibrl import prefix
+    from calibrl.logprobs import decoder_and_head
+    from calibrl.plain import sequence_hidden
+
+    if path == "shared-prefix":
+        hidden = prefix.shared_hidden(policy.model, inputs, row_prompt, comp, mask, policy.eos_token_id)
+    else:
+        hidden = sequence_hidden(policy.model, select_rows(inputs, row_prompt), comp, mask, policy.eos_token_id)
+    return head_token_logprobs(hidden, decoder_and_head(policy.model)[1], comp, mask,
+                               suppress_token_ids=policy.suppress_token_ids, temperature=temperature,
+                               return_entropy=return_entropy)
 
 
-# ------------------------------------------------------------------------------------------------------- sampling
-def sample(policy: Any, inputs: Inputs, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-           greedy: bool = False, return_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """`generate` on left-padded prompts: (completion_ids [N,T], mask [N,T] bool, raw logits [N,T,V] or None).
+def rows_logprobs(policy: Any, inputs: Inputs, row_prompt: torch.Tensor, comp: torch.Tensor, mask: torch.Tensor, *,
+                  temperature: float = 1.0, return_entropy: bool = False, chunk: int | None = None,
+                  sampler: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Teacher-forced log-probs [N,T] (and entropy) of completions `comp` after prompt `row_prompt[r]` of `inputs`
+    (P prompts), by the teacher-forced pass of the `sampler` path; both equal the sampler's log-probs. Gradients flow
+    unless under no_grad; `chunk` bounds rows per forward (no-grad passes)."""
+    n = comp.shape[0]
+    if comp.dim() != 2 or mask.shape != comp.shape or row_prompt.shape != (n,):
+        raise ValueError(f"row_prompt/comp/mask: expected [N], [N,T], [N,T], got {tuple(row_prompt.shape)}, "
+                         f"{tuple(comp.shape)}, {tuple(mask.shape)}")
+    if not mask.any():
+        raise ValueError("mask: expected at least one real completion token, got all zeros")
+    path = resolve_sampler(policy, inputs, sampler)
+    if not chunk or n <= chunk:
+        return _rows_logprobs(policy, inputs, row_prompt, comp, mask.bool(), temperature, return_entropy, path)
+    parts = [_rows_logprobs(policy, inputs, row_prompt[s:s + chunk], comp[s:s + chunk], mask[s:s + chunk].bool(),
+                            temperature, return_entropy, path) for s in range(0, n, chunk)]
+    return torch.cat([a for a, _ in parts]), (torch.cat([b for _, b in parts]) if return_entropy else None)
 
-    Vision/special tokens in `policy.suppress_token_ids` are suppressed; top_k is disabled so the sampling
-    distribution is softmax(masked logits / temperature) (top-p truncated when top_p < 1).
-    """
-    from transformers import GenerationConfig
 
-    gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=None if greedy else temperature,
-                          top_p=None if greedy else top_p, top_k=None if greedy else 0,
-                          eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
-                          suppress_tokens=list(policy.suppress_token_ids) or None,
-                          return_dict_in_generate=True, output_logits=return_logits)
-    with torch.no_grad():
-        out = policy.model.generate(**inputs, generation_config=gc)
-    comp = out.sequences[:, inputs["input_ids"].shape[1]:]
-    mask = response_mask(comp, policy.eos_token_id)
-    logits = torch.stack(out.logits, 1) if return_logits else None
-    return comp, mask, logits
+# ------------------------------------------------------------------------------------------------------ sampling
+@dataclass
+class Samples:
+    """Sampler output, N = P*G rows grouped by prompt: tokens, mask up to and including the first EOS, and the
+    sampler's own chosen-token log-probs and entropies (0 past the mask)."""
+
+    completion_ids: torch.Tensor            # [N,T]
+    mask: torch.Tensor                      # [N,T] bool
+    logp: torch.Tensor                      # [N,T] recorded while decoding
+    entropy: torch.Tensor                   # [N,T] at the sampling temperature
+    entropy_t1: torch.Tensor | None = None  # [N,T] at T = 1 (when asked)
+    path: str = "shared-prefix"
+
+
+def sample_groups(policy: Any, inputs: Inputs, group_size: int, *, max_new_tokens: int, temperature: float = 1.0,
+                  top_p: float = 1.0, greedy: bool = False, sampler: str = "auto",
+                  entropy_t1: bool = False) -> Samples:
+    """`group_size` responses per prompt (rows grouped by prompt) from calibrl's sampling distribution on the
+    `sampler` path; the sampler's chosen-token log-probs are always recorded."""
+    from calibrl import plain, prefix
+
+    if not (isinstance(group_size, int) and group_size >= 1):
+        raise ValueError(f"group_size: expected an int >= 1, got {group_size!r}")
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+        raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+    if not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p: expected a value in (0, 1], got {top_p!r}")
+    path = resolve_sampler(policy, inputs, sampler)
+    kw = dict(max_new_tokens=max_new_tokens, eos_token_ids=policy.eos_token_ids, pad_token_id=policy.pad_token_id,
+              suppress_token_ids=policy.suppress_token_ids, temperature=temperature, top_p=top_p, greedy=greedy,
+              entropy_t1=entropy_t1)
+    if path == "shared-prefix":
+        comp, mask, lp, ent, e1 = prefix.sample_shared(policy.model, inputs, group_size, **kw)
+        return Samples(comp, mask, lp, ent, e1, path)
+    rows = torch.arange(inputs["input_ids"].shape[0]).repeat_interleave(group_size)
+    comp, lp, ent, e1 = plain.sample_generate(policy.model, select_rows(inputs, rows), **kw)
+    mask = response_mask(comp, policy.eos_token_ids)
+    zero = lambda x: None if x is None else torch.where(mask, x, torch.zeros_like(x))
+    return Samples(comp, mask, zero(lp), zero(ent), zero(e1), path)
 
 
 def tokenize_experts(policy: Any, solutions: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,31 +180,35 @@ def tokenize_experts(policy: Any, solutions: Sequence[str], max_tokens: int) -> 
 # --------------------------------------------------------------------------------------------------------- batch
 @dataclass
 class RolloutBatch:
-    """One RL step's data. N = P*G on-policy rows (grouped: row r belongs to prompt r // G), T response tokens;
-    expert rows (one per prompt) are separate tensors of width Te."""
+    """One RL step's data. N = P*G on-policy rows (row r belongs to prompt r // G), T response tokens; expert rows
+    (one per prompt) are separate tensors of width Te. `rollout` fills the sampling fields; `score_rollout` the
+    reward fields; `with_advantages` adv and expert_adv."""
 
     prompt_inputs: Inputs                 # processor output, P rows
     row_prompt: torch.Tensor              # [N] prompt index of each on-policy row (= group id)
     prompt_ids: list[int]                 # dataset index of each prompt
     completion_ids: torch.Tensor          # [N,T]
-    mask: torch.Tensor                    # [N,T] bool, up to and including EOS
+    mask: torch.Tensor                    # [N,T] bool, up to and including the first EOS
     old_logp: torch.Tensor                # [N,T] log-probs under the sampling policy, 0 at pads
-    sampler_logp: torch.Tensor            # [N,T] from generate's own logits (== old_logp unless recomputed)
-    entropy: torch.Tensor                 # [N,T] per-token entropy of the sampling distribution, 0 at pads
-    rewards: torch.Tensor                 # [N]
-    acc: torch.Tensor                     # [N]
-    fmt: torch.Tensor                     # [N]
-    passed: torch.Tensor                  # [N] bool (reward > 0.1)
-    adv: torch.Tensor                     # [N] group advantages over on-policy rows
-    texts: list[str]                      # decoded responses
+    sampler_logp: torch.Tensor            # [N,T] recorded by the sampler while decoding (the drift reference)
+    entropy: torch.Tensor                 # [N,T] entropy of the sampling (tempered) distribution, 0 at pads
     expert_ids: torch.Tensor              # [P,Te]
     expert_mask: torch.Tensor             # [P,Te] bool
     expert_old_logp: torch.Tensor         # [P,Te] under the sampling policy, 0 at pads
     expert_entropy: torch.Tensor          # [P,Te]
-    expert_logp: torch.Tensor             # [N,T] expert old log-prob aligned by token index, 0 past the expert's end
-    expert_rewards: torch.Tensor          # [P]
-    expert_adv: torch.Tensor              # [P] expert reward - on-policy group mean
+    entropy_t1: torch.Tensor | None = None         # [N,T] entropy at T = 1 (the same tensor when temperature = 1)
+    expert_entropy_t1: torch.Tensor | None = None  # [P,Te]
     ref_logp: torch.Tensor | None = None  # [N,T] start policy (adapter disabled), when computed
+    sampler: str = "shared-prefix"        # the path that sampled
+    temperature: float = 1.0
+    texts: list[str] = field(default_factory=list)  # decoded responses (score_rollout)
+    rewards: torch.Tensor | None = None   # [N]
+    acc: torch.Tensor | None = None       # [N]
+    fmt: torch.Tensor | None = None       # [N]
+    passed: torch.Tensor | None = None    # [N] bool (reward > 0.1)
+    expert_rewards: torch.Tensor | None = None  # [P]
+    adv: torch.Tensor | None = None       # [N] group advantages over on-policy rows
+    expert_adv: torch.Tensor | None = None  # [P] expert reward - on-policy group mean
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -228,52 +216,19 @@ class RolloutBatch:
         """N, the number of on-policy rows."""
         return int(self.completion_ids.shape[0])
 
+    @property
+    def expert_logp(self) -> torch.Tensor:
+        """[N,T] expert old log-prob of each row's prompt aligned by token index, 0 past the expert's end."""
+        t = self.completion_ids.shape[1]
+        return _pad_to(self.expert_old_logp, t, 0.0)[:, :t][self.row_prompt]
 
-def rows_logprobs(policy: Any, inputs: Inputs, row_prompt: torch.Tensor, comp: torch.Tensor, mask: torch.Tensor, *,
-                  temperature: float = 1.0, return_entropy: bool = False,
-                  chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Teacher-forced log-probs [N,T] of completions `comp` after prompt `row_prompt[r]` of `inputs` (P prompts).
-
-    Uses the shared-prompt path (calibrl.prefix: one prompt pass per prompt) when the model supports it, else
-    `sequence_logprobs` on the rows; both equal the sampler's log-probs. Gradients flow unless under no_grad;
-    `chunk` bounds rows per forward (no-grad passes)."""
-    from calibrl import prefix
-
-    if chunk and comp.shape[0] > chunk:
-        parts = [rows_logprobs(policy, inputs, row_prompt[s:s + chunk], comp[s:s + chunk], mask[s:s + chunk],
-                               temperature=temperature, return_entropy=return_entropy)
-                 for s in range(0, comp.shape[0], chunk)]
-        return torch.cat([a for a, _ in parts]), (torch.cat([b for _, b in parts]) if return_entropy else None)
-    if not mask.any():
-        raise ValueError("mask: expected at least one real completion token, got all zeros")
-    if prefix.supported(policy.model, inputs):
-        logits = prefix.shared_logits(policy.model, inputs, row_prompt, comp, mask, policy.eos_token_id)
-        return token_logprobs(logits, comp, mask, suppress_token_ids=policy.suppress_token_ids,
-                              temperature=temperature, return_entropy=return_entropy)
-    return sequence_logprobs(policy.model, select_rows(inputs, row_prompt), comp, mask,
-                             suppress_token_ids=policy.suppress_token_ids, temperature=temperature,
-                             return_entropy=return_entropy, fill_token_id=policy.eos_token_id)
-
-
-def sample_groups(policy: Any, inputs: Inputs, group_size: int, *, max_new_tokens: int, temperature: float = 1.0,
-                  top_p: float = 1.0, greedy: bool = False, sampler_logprobs: bool = True):
-    """`group_size` responses per prompt (rows grouped by prompt): (completion_ids, mask, sampler log-probs or None,
-    sampler entropy or None). Shared-prompt sampler when supported, else `generate`."""
-    from calibrl import prefix
-
-    if prefix.supported(policy.model, inputs):
-        return prefix.sample_shared(policy.model, inputs, group_size, max_new_tokens=max_new_tokens,
-                                    eos_token_id=policy.eos_token_id, pad_token_id=policy.pad_token_id,
-                                    suppress_token_ids=policy.suppress_token_ids, temperature=temperature,
-                                    top_p=top_p, greedy=greedy)
-    rows = torch.arange(inputs["input_ids"].shape[0]).repeat_interleave(group_size)
-    comp, mask, logits = sample(policy, select_rows(inputs, rows), max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, greedy=greedy, return_logits=sampler_logprobs)
-    if logits is None:
-        return comp, mask, None, None
-    lp, ent = token_logprobs(logits, comp, mask, suppress_token_ids=policy.suppress_token_ids,
-                             temperature=temperature, return_entropy=True)
-    return comp, mask, lp, ent
+    def expert_train_mask(self, horizon: int | None) -> torch.Tensor:
+        """[P,Te] expert mask cut to the first `horizon` tokens (None = whole rows): the part of an expert row a
+        sampler limited to `horizon` new tokens could produce."""
+        if horizon is None:
+            return self.expert_mask
+        keep = torch.arange(self.expert_mask.shape[1], device=self.expert_mask.device)[None, :] < horizon
+        return self.expert_mask & keep
 
 
 def _pad_to(x: torch.Tensor, t: int, value: float | int | bool) -> torch.Tensor:
@@ -282,25 +237,37 @@ def _pad_to(x: torch.Tensor, t: int, value: float | int | bool) -> torch.Tensor:
     return torch.cat([x, torch.full((x.shape[0], t - x.shape[1]), value, dtype=x.dtype, device=x.device)], 1)
 
 
-def collect_rollout(policy: Any, examples: Sequence[dict], cfg: TrainConfig, *, prompt_ids: Sequence[int],
-                    ref_logp: bool = False) -> RolloutBatch:
-    """Sample G responses for each example (dict with image, question, answer, solution), score them, compute group
-    advantages over on-policy rows, and the expert rows' old log-probs under the same (pre-update) policy."""
-    from calibrl.advantage import group_advantages, pass_mask
-    from calibrl.rewards import score
+def needs_recompute(policy: Any, cfg: TrainConfig) -> bool:
+    """Whether the old log-probs are recomputed by a teacher-forced pass: cfg.recompute_old_logp, or when None
+    (auto) whenever the policy does not run in float32 (bf16/fp16/4-bit): the sampler's and the training forward's
+    reduced-precision kernels differ, so the first mini-batch's ratio would not be 1."""
+    if cfg.recompute_old_logp is not None:
+        return bool(cfg.recompute_old_logp)
+    dt = next(policy.model.parameters()).dtype
+    return policy.quantization is not None or dt != torch.float32 or any(
+        p.dtype != torch.float32 for p in policy.model.parameters() if p.is_floating_point())
 
+
+def rollout(policy: Any, examples: Sequence[dict], cfg: TrainConfig, *, prompt_ids: Sequence[int],
+            ref_logp: bool = False) -> RolloutBatch:
+    """Sample G responses for each example (dict with image, question and, for the expert modes, solution) and
+    compute the old log-probs of the on-policy rows and of the expert rows under the same (pre-update) policy, and
+    optionally the start policy's (adapter disabled). No scoring: see `score_rollout`."""
+    if not examples or len(prompt_ids) != len(examples):
+        raise ValueError(f"examples/prompt_ids: expected equal non-zero lengths, got {len(examples)} and "
+                         f"{len(prompt_ids)}")
     t0 = time.perf_counter()
-    p, g = len(examples), cfg.group_size
+    p, g, temp = len(examples), cfg.group_size, cfg.temperature
     inputs = encode_prompts(policy, [e["image"] for e in examples], [e["question"] for e in examples])
+    path = resolve_sampler(policy, inputs, cfg.sampler)
     row_prompt = torch.arange(p).repeat_interleave(g)
     model = policy.model
     was_training = model.training
-    if getattr(policy, "eval_mode_ok", True):  # not 4-bit on CPU (see Policy.eval_mode_ok)
+    if policy.eval_mode_ok:  # not 4-bit on CPU (see Policy.eval_mode_ok)
         model.train(False)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    big = vocab * p * g * cfg.max_new_tokens > 2e8  # HF sampler logits too large to keep: recompute instead
-    comp, mask, s_lp, s_ent = sample_groups(policy, inputs, g, max_new_tokens=cfg.max_new_tokens,
-                                            temperature=cfg.temperature, top_p=cfg.top_p, sampler_logprobs=not big)
+    s = sample_groups(policy, inputs, g, max_new_tokens=cfg.max_new_tokens, temperature=temp, top_p=cfg.top_p,
+                      sampler=path, entropy_t1=temp != 1.0)
+    comp, mask = s.completion_ids, s.mask
     t1 = time.perf_counter()
     has_expert = all(e.get("solution") is not None for e in examples)
     if has_expert:
@@ -309,9 +276,10 @@ def collect_rollout(policy: Any, examples: Sequence[dict], cfg: TrainConfig, *, 
     else:  # no expert column (allowed for modes that do not use it): empty expert tensors, null probes
         exp_ids = torch.zeros((p, 0), dtype=torch.long, device=comp.device)
         exp_mask = torch.zeros((p, 0), dtype=torch.bool, device=comp.device)
-    lp_kw = dict(temperature=cfg.temperature, return_entropy=True, chunk=64)
+    lp_kw = dict(temperature=temp, return_entropy=True, chunk=64, sampler=path)
+    e_ent1 = None
     with torch.no_grad():
-        if cfg.recompute_old_logp or s_lp is None:  # one pass over on-policy and expert rows together
+        if needs_recompute(policy, cfg):  # one pass over on-policy and expert rows together
             t = max(comp.shape[1], exp_ids.shape[1])
             all_rows = torch.cat([row_prompt, torch.arange(p)])
             all_comp = torch.cat([_pad_to(comp, t, policy.pad_token_id), _pad_to(exp_ids, t, policy.pad_token_id)])
@@ -320,37 +288,80 @@ def collect_rollout(policy: Any, examples: Sequence[dict], cfg: TrainConfig, *, 
             n = p * g
             old_logp, entropy = lp[:n, : comp.shape[1]], ent[:n, : comp.shape[1]]
             e_lp, e_ent = lp[n:, : exp_ids.shape[1]], ent[n:, : exp_ids.shape[1]]
-            sampler_logp = s_lp if s_lp is not None else old_logp
         else:  # on-policy old log-probs are the sampler's own; one forward for the expert rows
-            old_logp, entropy, sampler_logp = s_lp, s_ent, s_lp
+            old_logp, entropy = s.logp, s.entropy
             if has_expert:
                 e_lp, e_ent = rows_logprobs(policy, inputs, torch.arange(p), exp_ids, exp_mask, **lp_kw)
             else:
                 e_lp = e_ent = torch.zeros((p, 0), device=comp.device)
+        if has_expert and temp != 1.0:
+            _, e_ent1 = rows_logprobs(policy, inputs, torch.arange(p), exp_ids, exp_mask,
+                                      **{**lp_kw, "temperature": 1.0})
+    t2 = time.perf_counter()
     ref = None
     if ref_logp:
-        if not getattr(policy, "is_lora", False):
+        if not policy.is_lora:
             raise ValueError("ref_logp: the start policy needs a LoRA policy (adapter disabled = start policy)")
         with model.disable_adapter(), torch.no_grad():
-            ref, _ = rows_logprobs(policy, inputs, row_prompt, comp, mask, temperature=cfg.temperature, chunk=64)
+            ref, _ = rows_logprobs(policy, inputs, row_prompt, comp, mask, temperature=temp, chunk=64, sampler=path)
     model.train(was_training)
-    t2 = time.perf_counter()
-
-    texts = policy.tokenizer.batch_decode(torch.where(mask, comp, policy.pad_token_id).cpu(), skip_special_tokens=True)
-    scores = [score(txt, examples[int(i)]["answer"]) for txt, i in zip(texts, row_prompt)]
-    rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
-    passed = pass_mask(rewards)
-    adv = group_advantages(rewards, row_prompt, scale=cfg.loss.scale)
-    exp_r = torch.tensor([score(e["solution"], e["answer"])["reward"] if has_expert else 0.0 for e in examples],
-                         dtype=torch.float32)
-    group_mean = torch.stack([rewards[row_prompt == i].mean() for i in range(p)])
-    t_on = comp.shape[1]
-    e_aligned = _pad_to(e_lp, t_on, 0.0)[:, :t_on][row_prompt]  # by token index, 0 past the expert's end
+    t3 = time.perf_counter()
     return RolloutBatch(
         prompt_inputs=inputs, row_prompt=row_prompt, prompt_ids=list(prompt_ids), completion_ids=comp, mask=mask,
-        old_logp=old_logp, sampler_logp=sampler_logp, entropy=entropy, rewards=rewards,
-        acc=torch.tensor([s["acc"] for s in scores], dtype=torch.float32),
-        fmt=torch.tensor([s["fmt"] for s in scores], dtype=torch.float32), passed=passed, adv=adv, texts=texts,
-        expert_ids=exp_ids, expert_mask=exp_mask, expert_old_logp=e_lp, expert_entropy=e_ent, expert_logp=e_aligned,
-        expert_rewards=exp_r, expert_adv=exp_r - group_mean, ref_logp=ref,
-        timings={"generate_s": t1 - t0, "logprob_s": t2 - t1, "score_s": time.perf_counter() - t2})
+        old_logp=old_logp, sampler_logp=s.logp, entropy=entropy,
+        entropy_t1=entropy if temp == 1.0 else s.entropy_t1,
+        expert_ids=exp_ids, expert_mask=exp_mask, expert_old_logp=e_lp, expert_entropy=e_ent,
+        expert_entropy_t1=e_ent if temp == 1.0 or not has_expert else e_ent1, ref_logp=ref, sampler=path,
+        temperature=float(temp), timings={"generate_s": t1 - t0, "old_logp_s": t2 - t1, "ref_logp_s": t3 - t2})
+
+
+def score_rollout(b: RolloutBatch, policy: Any, examples: Sequence[dict],
+                  reward_fn: RewardFn | None = None) -> RolloutBatch:
+    """Decode the responses and score them with `reward_fn(completion, answer) -> dict` with keys reward, acc, fmt
+    (default calibrl.rewards.score); the expert solutions are scored too. Returns a new batch."""
+    from calibrl.advantage import pass_mask
+    from calibrl.rewards import score
+
+    fn = reward_fn or score
+    t0 = time.perf_counter()
+    texts = policy.tokenizer.batch_decode(torch.where(b.mask, b.completion_ids, policy.pad_token_id).cpu(),
+                                          skip_special_tokens=True)
+    scores = [_checked(fn(txt, examples[int(i)]["answer"]), "reward_fn") for txt, i in zip(texts, b.row_prompt)]
+    rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
+    has_expert = all(e.get("solution") is not None for e in examples)
+    exp_r = torch.tensor([_checked(fn(e["solution"], e["answer"]), "reward_fn")["reward"] if has_expert else 0.0
+                          for e in examples], dtype=torch.float32)
+    return dataclasses.replace(
+        b, texts=texts, rewards=rewards, passed=pass_mask(rewards), expert_rewards=exp_r,
+        acc=torch.tensor([float(s["acc"]) for s in scores], dtype=torch.float32),
+        fmt=torch.tensor([float(s["fmt"]) for s in scores], dtype=torch.float32),
+        timings={**b.timings, "reward_s": time.perf_counter() - t0})
+
+
+def _checked(s: Any, name: str) -> dict:
+    import math
+
+    if not isinstance(s, dict) or not {"reward", "acc", "fmt"} <= set(s):
+        raise ValueError(f"{name}: expected a dict with keys reward, acc, fmt, got {s!r}")
+    if not all(isinstance(s[k], (int, float)) and math.isfinite(float(s[k])) for k in ("reward", "acc", "fmt")):
+        raise ValueError(f"{name}: expected finite numbers for reward, acc, fmt, got {s!r}")
+    return s
+
+
+def with_advantages(b: RolloutBatch, scale: str = "none") -> RolloutBatch:
+    """Group advantages over the on-policy rows and the expert's advantage (its reward - the group mean)."""
+    from calibrl.advantage import group_advantages
+
+    if b.rewards is None:
+        raise ValueError("b: expected a scored batch (score_rollout first), got rewards None")
+    p = b.expert_ids.shape[0]
+    group_mean = torch.stack([b.rewards[b.row_prompt == i].mean() for i in range(p)])
+    return dataclasses.replace(b, adv=group_advantages(b.rewards, b.row_prompt, scale=scale),
+                               expert_adv=b.expert_rewards - group_mean)
+
+
+def collect_rollout(policy: Any, examples: Sequence[dict], cfg: TrainConfig, *, prompt_ids: Sequence[int],
+                    ref_logp: bool = False, reward_fn: RewardFn | None = None) -> RolloutBatch:
+    """`rollout`, then `score_rollout`, then `with_advantages`: one RL step's complete batch."""
+    b = rollout(policy, examples, cfg, prompt_ids=prompt_ids, ref_logp=ref_logp)
+    return with_advantages(score_rollout(b, policy, examples, reward_fn), cfg.loss.scale)

@@ -11,12 +11,14 @@ import torch
 
 from calibrl.losses import GATE_KEYS
 
+ENTROPY_KEYS = ("entropy_mean", "entropy_passed", "entropy_failed", "entropy_expert")
 GAP_KEYS = ("expert_gap_q10", "expert_gap_q50", "expert_gap_q90", "expert_past_end_frac")
 
 
 def rollout_probes(b: Any, cfg: Any) -> dict:
     """Every rollout-side probe of one step, from calibrl.probes (gate probes are counterfactual in modes that do
-    not use the expert; they count tokens of non-uniform groups only)."""
+    not use the expert; they count tokens of non-uniform groups only). The entropy_* columns are the entropy of the
+    sampling distribution at the row's `temperature`; entropy_t1_* the same at T = 1 (equal when temperature = 1)."""
     from calibrl import probes
 
     b = _on_cpu(b)
@@ -27,8 +29,15 @@ def rollout_probes(b: Any, cfg: Any) -> dict:
     }
     has_exp = bool(b.expert_mask.any()) if b.expert_mask.numel() else False
     row["expert_len_mean"] = float(b.expert_mask.sum(1).float().mean()) if has_exp else None
+    # entropy_* are of the sampling (tempered) distribution, at the row's "temperature"; entropy_t1_* at T = 1
     row.update(probes.entropy_summary(b.entropy, m, b.passed, b.expert_entropy if has_exp else None,
                                       b.expert_mask if has_exp else None))
+    if b.entropy_t1 is b.entropy and (not has_exp or b.expert_entropy_t1 is b.expert_entropy):
+        t1 = {k: row[k] for k in ENTROPY_KEYS}
+    else:
+        t1 = probes.entropy_summary(b.entropy_t1, m, b.passed, b.expert_entropy_t1 if has_exp else None,
+                                    b.expert_mask if has_exp else None)
+    row.update({k.replace("entropy_", "entropy_t1_", 1): t1[k] for k in ENTROPY_KEYS})
     rar = probes.group_rarity(b.rewards, b.row_prompt, b.passed, scale=cfg.loss.scale)
     row.update({k: rar[k] for k in ("uniform_frac", "all_pass_frac", "all_fail_frac", "abs_adv_mean",
                                     "nonzero_adv_frac")})

@@ -70,9 +70,9 @@ def test_evaluate_scores_scripted_completions(monkeypatch):
     }
     order = [s for pid in range(3) for s in script[pid]]  # evaluate walks prompts in order, samples inside
 
-    def fake(policy, images, questions, *, temperature, max_new_tokens):
-        assert temperature == 1.0 and len(images) == len(questions) <= 4
-        return [order.pop(0) for _ in questions]
+    def fake(policy, images, questions, *, temperature, max_new_tokens, n_samples, top_p, sampler):
+        assert temperature == 1.0 and len(images) == len(questions) and len(questions) * n_samples <= 4
+        return [order.pop(0) for _ in range(len(questions) * n_samples)]
 
     monkeypatch.setattr(ev, "generate_completions", fake)
     res = ev.evaluate(object(), data, temperature=1.0, n_samples=2, batch_size=4, return_rows=True)

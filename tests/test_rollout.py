@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from calibrl.config import TrainConfig
-from calibrl.rollout import (collect_rollout, encode_prompts, response_mask, sample, select_rows, sequence_logprobs,
-                             token_logprobs, tokenize_experts)
+from calibrl.rollout import (collect_rollout, encode_prompts, response_mask, sample_groups, select_rows,
+                             sequence_logprobs, token_logprobs, tokenize_experts)
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "tiny-qwen2.5-vl"
 
@@ -55,12 +55,12 @@ def sampled(policy, examples):
     torch.manual_seed(0)
     inputs = encode_prompts(policy, [e["image"] for e in examples], [e["question"] for e in examples])
     rows = select_rows(inputs, torch.arange(3).repeat_interleave(4))
-    comp, mask, logits = sample(policy, rows, max_new_tokens=16, temperature=1.0, return_logits=True)
-    return rows, comp, mask, logits
+    s = sample_groups(policy, inputs, 4, max_new_tokens=16, temperature=1.0, sampler="generate")
+    return rows, s.completion_ids, s.mask, s
 
 
-def _gap(policy, rows, comp, mask, logits, temperature=1.0):
-    ref, _ = token_logprobs(logits, comp, mask, suppress_token_ids=policy.suppress_token_ids, temperature=temperature)
+def _gap(policy, rows, comp, mask, s, temperature=1.0):
+    ref = s.logp  # recorded by the sampler while decoding
     with torch.no_grad():
         lp, _ = sequence_logprobs(policy.model, rows, comp, mask, suppress_token_ids=policy.suppress_token_ids,
                                   temperature=temperature, fill_token_id=policy.eos_token_id)
@@ -68,14 +68,14 @@ def _gap(policy, rows, comp, mask, logits, temperature=1.0):
 
 
 def test_training_forward_reproduces_sampler(policy, sampled):
-    rows, comp, mask, logits = sampled
-    assert mask.sum() > 0 and comp.shape == mask.shape == logits.shape[:2]
-    assert _gap(policy, rows, comp, mask, logits) <= 1e-4
+    rows, comp, mask, s = sampled
+    assert mask.sum() > 0 and comp.shape == mask.shape == s.logp.shape
+    assert _gap(policy, rows, comp, mask, s) <= 1e-4
 
 
 def test_entropy_matches_sampler_distribution(policy, sampled):
-    rows, comp, mask, logits = sampled
-    _, ent_ref = token_logprobs(logits, comp, mask, suppress_token_ids=policy.suppress_token_ids, return_entropy=True)
+    rows, comp, mask, s = sampled
+    ent_ref = s.entropy
     with torch.no_grad():
         _, ent = sequence_logprobs(policy.model, rows, comp, mask, suppress_token_ids=policy.suppress_token_ids,
                                    return_entropy=True)
@@ -84,18 +84,20 @@ def test_entropy_matches_sampler_distribution(policy, sampled):
 
 
 def test_dropping_mm_token_type_ids_breaks_reproduction(policy, sampled):
-    rows, comp, mask, logits = sampled
+    rows, comp, mask, s = sampled
     assert "mm_token_type_ids" in rows  # the processor returns it; the forward must extend it over the completion
     broken = {k: v for k, v in rows.items() if k != "mm_token_type_ids"}
-    assert _gap(policy, broken, comp, mask, logits) > 1e-3
+    assert _gap(policy, broken, comp, mask, s) > 1e-3
 
 
-def test_temperature_is_applied_like_the_sampler(policy, sampled):
-    rows, comp, mask, logits = sampled
-    assert _gap(policy, rows, comp, mask, logits, temperature=0.7) <= 1e-4
-    ref1, _ = token_logprobs(logits, comp, mask, suppress_token_ids=policy.suppress_token_ids, temperature=1.0)
-    ref2, _ = token_logprobs(logits, comp, mask, suppress_token_ids=policy.suppress_token_ids, temperature=0.7)
-    assert (ref1 - ref2)[mask].abs().max() > 1e-3
+def test_temperature_is_applied_like_the_sampler(policy, examples):
+    inputs = encode_prompts(policy, [e["image"] for e in examples], [e["question"] for e in examples])
+    rows = select_rows(inputs, torch.arange(3).repeat_interleave(4))
+    torch.manual_seed(1)
+    s = sample_groups(policy, inputs, 4, max_new_tokens=16, temperature=0.7, sampler="generate")
+    comp, mask = s.completion_ids, s.mask
+    assert _gap(policy, rows, comp, mask, s, temperature=0.7) <= 1e-4
+    assert _gap(policy, rows, comp, mask, s, temperature=1.0) > 1e-3
 
 
 def test_pads_after_eos_are_nan_free_with_grad(policy, sampled):
@@ -204,8 +206,8 @@ def test_shared_prompt_sampler_matches_plain_forward(policy, examples):
     inputs = encode_prompts(policy, [e["image"] for e in examples], [e["question"] for e in examples])
     assert prefix.supported(policy.model, inputs)
     torch.manual_seed(3)
-    comp, mask, s_lp, s_ent = prefix.sample_shared(
-        policy.model, inputs, 4, max_new_tokens=12, eos_token_id=policy.eos_token_id,
+    comp, mask, s_lp, s_ent, _ = prefix.sample_shared(
+        policy.model, inputs, 4, max_new_tokens=12, eos_token_ids=policy.eos_token_ids,
         pad_token_id=policy.pad_token_id, suppress_token_ids=policy.suppress_token_ids, temperature=0.8)
     assert comp.shape == mask.shape == s_lp.shape == s_ent.shape and comp.shape[0] == 12
     assert not torch.isin(comp[mask], torch.tensor(policy.suppress_token_ids)).any()
@@ -229,7 +231,7 @@ def test_shared_prompt_forward_equals_plain_forward_with_gradients(examples):
                 p.normal_(0, 0.05)
     inputs = encode_prompts(pol, [e["image"] for e in examples], [e["question"] for e in examples])
     torch.manual_seed(4)
-    comp, mask, _, _ = prefix.sample_shared(pol.model, inputs, 2, max_new_tokens=10, eos_token_id=pol.eos_token_id,
+    comp, mask, _, _, _ = prefix.sample_shared(pol.model, inputs, 2, max_new_tokens=10, eos_token_ids=pol.eos_token_ids,
                                             pad_token_id=pol.pad_token_id, suppress_token_ids=pol.suppress_token_ids)
     rows = torch.tensor([4, 0, 5, 1]) // 2  # an arbitrary subset and order of rows, as a micro-batch has
     comp, mask = comp[[4, 0, 5, 1]], mask[[4, 0, 5, 1]]
