@@ -246,7 +246,8 @@ class CalibRLTrainer(GRPOTrainer):
         loss, info = calibrl_loss(logp, old, e_lp, adv, mask, passed, slope=a.slope, guide_coef=a.guide_coef,
                                   weight=a.weight, gap=a.gap, expert_mask=e_mask, **clip)
         mode = "train" if self.model.training else "eval"
-        accum = self.current_gradient_accumulation_steps if mode == "train" else 1
+        accum = getattr(self, "current_gradient_accumulation_steps", a.gradient_accumulation_steps)  # set by train()
+        accum = accum if mode == "train" else 1
         loss = loss / accum
         for k in _LOSS_KEYS:
             self._metrics[mode][PREFIX + k].append(self._global_mean(torch.tensor(info[k], device=logp.device)))
