@@ -2,6 +2,7 @@
 # Build a separate venv with verl 0.9.1 (it pins an older transformers and pulls ray) and run our parity test
 # against verl's policy loss, loss aggregation and GRPO advantage.
 # Usage: bash benchmarks/verl_parity.sh [extra pytest args]      (from anywhere; idempotent)
+#        VERL_TESTS="tests/test_integrations_verl.py" bash benchmarks/verl_parity.sh   (other test files; see verl_plugin.sh)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VERL_VENV:-$REPO/.verl-venv}"
@@ -31,6 +32,8 @@ import importlib.metadata as md
 for p in ("verl", "torch", "ray", "tensordict"):
     print(f"{p}=={md.version(p)}")
 PY
-echo "== pytest tests/test_verl_parity.py"
+TESTS="${VERL_TESTS:-tests/test_verl_parity.py}"
+echo "== pytest $TESTS"
 cd "$REPO"
-python -m pytest tests/test_verl_parity.py -v -p no:cacheprovider --rootdir "$REPO" -c /dev/null "$@"
+# shellcheck disable=SC2086
+python -m pytest $TESTS -v -p no:cacheprovider --rootdir "$REPO" -c /dev/null "$@"
