@@ -144,3 +144,49 @@ def test_registered_loss_without_the_batch_fields_says_how_to_install_them():
         core.get_policy_loss_fn("calibrl")(old, logp, torch.zeros_like(old), mask, "token-mean", CFG, None)
     with pytest.raises(ValueError, match="settings"):
         plug.register(alpha=0.3)
+
+
+def test_calibrl_ppo_loss_is_verls_ppo_loss_with_the_calibrl_fields():
+    """The actor loss for set_loss_fn, on a verl TensorDict (left-padded prompts, flat no-padding log-probs) with a
+    real ActorConfig(policy_loss.loss_mode="calibrl"): verl's ppo_loss runs and returns calibrl_loss's value."""
+    _verl()
+    try:
+        from tensordict import TensorDict
+        from verl.workers.config.actor import ActorConfig, PolicyLossConfig
+        import verl.workers.utils.losses  # noqa: F401
+    except Exception as exc:
+        pytest.skip(f"verl.workers.utils.losses not importable ({type(exc).__name__}: {exc})")
+    uids, scores, mask, tlr, old, logp = batch(4)
+    n, t = mask.shape
+    adv, _ = plug.compute_calibrl_advantage(tlr, mask, index=uids)
+    ex = plug.attach_expert(old, mask, scores, uids)
+    p_len, r_len, width = torch.tensor([1, 2, 3, 3, 2, 1, 3, 2, 1, 3]), mask.sum(1), 3
+    attn = torch.zeros(n, width + t, dtype=torch.long)
+    flat = []
+    for i in range(n):                                   # verl's layout: logp of response token j at prompt_len+j-1
+        attn[i, width - p_len[i]:width] = 1
+        attn[i, width:width + r_len[i]] = 1
+        seq = torch.zeros(int(p_len[i] + r_len[i]), dtype=torch.float64)
+        seq[int(p_len[i]) - 1:int(p_len[i] + r_len[i]) - 1] = logp[i, :r_len[i]]
+        flat.append(seq)
+    flat = torch.cat(flat).requires_grad_()
+    td = TensorDict({"prompts": torch.zeros(n, width, dtype=torch.long), "responses": torch.zeros(n, t, dtype=torch.long),
+                     "attention_mask": attn, "response_mask": ex["response_mask"], "old_log_probs": old,
+                     "advantages": adv, "calibrl_expert_logp": ex["calibrl_expert_logp"],
+                     "calibrl_passed": ex["calibrl_passed"]}, batch_size=[n])
+    for k, v in (("dp_size", 1), ("batch_num_tokens", None), ("global_batch_size", None)):
+        td.set_non_tensor(k, v)
+    cfg = ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, ppo_mini_batch_size=1, clip_ratio=0.2,
+                      clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, loss_agg_mode="token-mean",
+                      use_dynamic_bsz=False, rollout_n=1, policy_loss=PolicyLossConfig(loss_mode="calibrl"))
+    loss, metrics = plug.calibrl_ppo_loss(cfg, {"log_probs": flat}, td)
+    lp = logp.clone().requires_grad_()
+    want, info = calibrl_loss(lp, old, ex["calibrl_expert_logp"], adv, ex["response_mask"].bool(),
+                              ex["calibrl_passed"], clip_high=0.28)
+    torch.testing.assert_close(loss, want, rtol=0, atol=1e-12)
+    assert float(metrics["actor/guided_loss"].values[0]) == pytest.approx(info["guide_loss"], abs=1e-12)  # verl Metric
+    loss.backward()
+    want.backward()
+    got = torch.stack([flat.grad[sum(p_len[:i] + r_len[:i]) + p_len[i] - 1 + j] if j < r_len[i] else
+                       flat.new_zeros(()) for i in range(n) for j in range(t)]).view(n, t)
+    torch.testing.assert_close(got, lp.grad, rtol=0, atol=1e-12)
