@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a TrainConfig/LossConfig field for every run, e.g. --set lr=5e-4 "
                              "--set recompute_old_logp=true (repeatable; parsed by the field's type)")
     parser.add_argument("--quantization", default=None, choices=("4bit",), help="4-bit NF4 base model (GPU, hub VLMs)")
+    parser.add_argument("--report-to", default="none", choices=("none", "tensorboard", "wandb", "trackio"),
+                        help="also mirror every History row to this tracker (see calibrl.tracking; default none)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true",
                        help="replace the runs of an existing comparison (only directories calibrl created)")
@@ -96,7 +98,7 @@ def _plan(root: Path, cfgs: list, overwrite: bool, resume: bool) -> dict[str, st
 def compare(*, budget: str = "smoke", model: str = "tiny", task: str | None = None,
             modes: list[str] = ("grpo", "calibrl"), seeds: list[int] = (0,), out: str | Path = "runs",
             name: str | None = None, overwrite: bool = False, resume: bool = False, progress: bool = True,
-            **overrides) -> Path:
+            report_to: str = "none", **overrides) -> Path:
     """Train every (seed, mode) from the same start and write OUT/NAME/report.html; returns the report path.
 
     All inputs are checked (configs, datasets, the model's processor) before any training starts."""
@@ -108,7 +110,11 @@ def compare(*, budget: str = "smoke", model: str = "tiny", task: str | None = No
     from calibrl.report import write_report
     from calibrl.runfiles import check_name, check_out, make_marked_dir
     from calibrl.tasks import DEFAULT_TASK, make_dataset
+    from calibrl.tracking import BACKENDS, make_tracker
     from calibrl.trainer import EVAL_SEED, Trainer, check_inputs, lora_config
+
+    if report_to not in BACKENDS:
+        raise ValueError(f"report_to: expected one of {', '.join(BACKENDS)}, got {report_to!r}")
 
     root = check_out(out) / check_name(name or f"compare-{budget}", "name")
     check_out(root, "out/name")
@@ -139,7 +145,14 @@ def compare(*, budget: str = "smoke", model: str = "tiny", task: str | None = No
             bar.update(1)
             bar.set_postfix_str(f"{row['mode']} s{row['seed']} reward {row['reward_mean']:.2f}")
 
-        tr.run(on_step)
+        with make_tracker(report_to, run_dir=tr.run_dir, name=f"{root.name}/{c.run_name}", config=c.to_dict()) as tk:
+            tk.log_rows(tr.history.rows)  # steps already in a resumed History
+
+            def on_step_tracked(row: dict) -> None:
+                on_step(row)
+                tk(row)
+
+            tr.run(on_step_tracked)
         dirs.append(tr.run_dir)
         del tr
     bar.close()
@@ -166,5 +179,5 @@ def run(args: argparse.Namespace) -> int:
     if args.quantization:
         overrides["quantization"] = args.quantization
     compare(budget=args.budget, model=args.model, task=args.task, modes=modes, seeds=seeds, out=args.out,
-            name=args.name, overwrite=args.overwrite, resume=args.resume, **overrides)
+            name=args.name, overwrite=args.overwrite, resume=args.resume, report_to=args.report_to, **overrides)
     return 0

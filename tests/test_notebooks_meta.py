@@ -11,10 +11,10 @@ NB_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
 EXPECTED = ["00_setup_and_smoke_test", "01_grpo_from_scratch", "02_calibrl_loss", "03_probes_on_a_real_batch",
             "04_tasks_experts_verifiers", "05_train_grpo_vs_calibrl", "06_diagnostics_dashboard", "07_exercises",
-            "08_consumer_gpu_qlora", "09_diagnose_your_setup"]
+            "08_consumer_gpu_qlora", "09_diagnose_your_setup", "10_beyond_one_gpu"]
 # Notebooks other workstreams are rebuilding: 08 may not yet call
 # calibrl.notebook.setup(); the rules below apply to them as soon as they do.
-PENDING_CHECKERS: set[str] = set()
+PENDING_CHECKERS: set[str] = {"10_beyond_one_gpu"}  # no calibrl.course exercise for 10 yet
 PENDING_SETUP = {"08_consumer_gpu_qlora"}
 CHECK = re.compile(r'course\.check\("(\d\d)\.(\w+)", (\w+)\)')
 FAST_LINE = 'FAST = bool(os.environ.get("CI") or os.environ.get("CALIBRL_FAST"))'
