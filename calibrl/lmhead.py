@@ -147,11 +147,21 @@ def head_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     return logp.view(n, t), (ent.view(n, t) if return_entropy else None)
 
 
+def plain_head(head) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [V,H], bias or None) of an LM head given as a [V,H] tensor or a plain `nn.Linear`; None for anything
+    else (a LoRA-adapted or custom head), which must take the full-logits path."""
+    if torch.is_tensor(head):
+        return (head, None) if head.dim() == 2 else None
+    if type(head) is torch.nn.Linear:
+        return head.weight, head.bias
+    return None
+
+
 def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight [V,H], bias [V] or None) of a model's LM head (`get_output_embeddings()`; peft wrappers included)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or not torch.is_tensor(getattr(head, "weight", None)):
-        raise ValueError(f"model: expected an LM head from get_output_embeddings(), got {type(head).__name__}")
-    if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
-        raise ValueError("model: a LoRA/adapted lm_head is not supported by the chunked head (use the full logits)")
-    return head.weight, getattr(head, "bias", None)
+    found = plain_head(head) if head is not None else None
+    if found is None:
+        raise ValueError(f"model: expected a plain nn.Linear LM head from get_output_embeddings(), got "
+                         f"{type(head).__name__} (an adapted head needs the full logits)")
+    return found

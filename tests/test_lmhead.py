@@ -217,3 +217,15 @@ def test_validation_names_the_argument(bad, match):
     kw = {k: args.pop(k) for k in list(args) if k not in ("hidden", "weight", "targets", "mask")}
     with pytest.raises(ValueError, match=match):
         head_token_logprobs(args["hidden"], args["weight"], args["targets"], args["mask"], **kw)
+
+
+def test_plain_head_accepts_linear_and_tensor_only():
+    from calibrl.lmhead import plain_head
+
+    lin = torch.nn.Linear(4, 10)
+    w, b = plain_head(lin)
+    assert w is lin.weight and b is lin.bias
+    assert plain_head(lin.weight)[0] is lin.weight
+    assert plain_head(torch.nn.Sequential(lin)) is None
+    with pytest.raises(ValueError, match="model"):
+        output_head(torch.nn.Module())
