@@ -3,14 +3,15 @@ cut to 2 decoder layers (full vocabulary 151,936, hidden size 2048), chunked (ca
 log-probs, each in its own fresh subprocess, side by side in one run.
 
     python benchmarks/bench_chunked_logprobs.py [--group-size 4] [--new-tokens 512] [--image-size 448]
-                                                [--vision-depth 2] [--threads 1] [--json FILE]
+                                                [--vision-depth 2] [--threads 1] [--forward shared|plain]
+                                                [--json FILE]
 
 Model: benchmarks/qwen25vl3b_config.py with num_hidden_layers = 2 and the vision tower cut to `--vision-depth`
 blocks (one of them full-attention), random init, float32 (the CPU default), LoRA r = 16 on the language model's
 q/k/v/o/gate/up/down (calibrl.trainer.lora_config); the tied embedding / LM head stays frozen, as under LoRA.
 Step: 1 prompt (one `--image-size` square image) x G rows of `--new-tokens` response tokens each (random ids, no
-suppressed id, ragged: the last row ends early), a plain teacher-forced decoder forward over prompt + response,
-then the response positions' log-probs through the LM head, `calibrl_loss` with paper defaults against fixed old
+suppressed id, ragged: the last row ends early), the teacher-forced decoder forward (`--forward shared`, default:
+the trainer's shared-prompt path for Qwen2.5-VL, calibrl.prefix; `plain`: one forward per row), then the response positions' log-probs through the LM head, `calibrl_loss` with paper defaults against fixed old
 and expert log-probs, and backward into the LoRA weights. The two paths share everything except the LM-head step:
   full    : logits = lm_head(hidden) [G,T,V], then the sampler's log_softmax (calibrl.rollout.token_logprobs)
   chunked : calibrl.lmhead.head_token_logprobs(hidden, lm_head.weight, ...) (no [G,T,V] tensor anywhere)
@@ -49,7 +50,7 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def build(vision_depth: int, image_size: int, group_size: int, new_tokens: int):
+def build(vision_depth: int, image_size: int, group_size: int, new_tokens: int, dtype: str = "float32"):
     """(LoRA model, inputs dict of the plain forward, response ids [G,T], mask [G,T], suppressed ids)."""
     import torch
     from peft import get_peft_model
@@ -57,7 +58,7 @@ def build(vision_depth: int, image_size: int, group_size: int, new_tokens: int):
 
     from calibrl.config import TrainConfig
     from calibrl.models import suppress_ids_for
-    from calibrl.rollout import encode_prompts, select_rows
+    from calibrl.rollout import encode_prompts
     from calibrl.tasks import DEFAULT_TASK, sample
     from calibrl.tiny import build_tiny_random
     from calibrl.trainer import lora_config
@@ -70,7 +71,7 @@ def build(vision_depth: int, image_size: int, group_size: int, new_tokens: int):
     cfg.vision_config.depth = vision_depth
     cfg.vision_config.fullatt_block_indexes = [vision_depth - 1]
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).to(getattr(torch, dtype))
     model = get_peft_model(model, lora_config(TrainConfig()))
     model.train(True)
 
@@ -79,7 +80,7 @@ def build(vision_depth: int, image_size: int, group_size: int, new_tokens: int):
     P.model = model
     ex = sample(DEFAULT_TASK, 0, 0)
     image = ex["image"].convert("RGB").resize((image_size, image_size))
-    inputs = select_rows(encode_prompts(P, [image], [ex["question"]]), [0] * group_size)
+    inputs = encode_prompts(P, [image], [ex["question"]])  # one prompt
     vocab = cfg.text_config.vocab_size
     eos = cfg.text_config.eos_token_id
     sup = suppress_ids_for(proc.tokenizer, [eos])
@@ -92,11 +93,29 @@ def build(vision_depth: int, image_size: int, group_size: int, new_tokens: int):
     return model, inputs, comp, mask, sup
 
 
-def response_hidden(model, inputs, comp, mask):
-    """Final hidden states [G,T,H] of the positions predicting each response token (plain teacher forcing)."""
+def response_hidden(model, inputs, comp, mask, forward: str):
+    """Final hidden states [G,T,H] of the positions predicting each response token. `shared`: the trainer's path for
+    Qwen2.5-VL (calibrl.prefix: the image and prompt run once, their KV cache is shared by the G rows); `plain`:
+    one teacher-forced forward per row over prompt + response."""
     import torch
 
     t = comp.shape[1]
+    if forward == "shared":
+        from calibrl import prefix
+
+        rows = torch.zeros(comp.shape[0], dtype=torch.long)
+        eos = int(comp[mask][0])
+        if hasattr(prefix, "shared_hidden"):
+            return prefix.shared_hidden(model, inputs, rows, comp, mask, eos)
+        base = model.get_base_model()
+        head, base.lm_head = base.lm_head, torch.nn.Identity()  # the same forward, returning hidden states
+        try:
+            return prefix.shared_logits(model, inputs, rows, comp, mask, eos)
+        finally:
+            base.lm_head = head
+    from calibrl.rollout import select_rows
+
+    inputs = select_rows(inputs, [0] * comp.shape[0])
     kw = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     kw["input_ids"] = torch.cat([inputs["input_ids"], torch.where(mask, comp, comp[mask][0])], 1)
     kw["attention_mask"] = torch.cat([inputs["attention_mask"], mask.long()], 1)
@@ -113,7 +132,8 @@ def child(args) -> dict:
     from calibrl.rollout import token_logprobs
 
     torch.set_num_threads(args.threads)
-    model, inputs, comp, mask, sup = build(args.vision_depth, args.image_size, args.group_size, args.new_tokens)
+    model, inputs, comp, mask, sup = build(args.vision_depth, args.image_size, args.group_size, args.new_tokens,
+                                             args.dtype)
     gen = torch.Generator().manual_seed(2)
     g = comp.shape[0]
     old = torch.where(mask, -12.0 + 0.1 * torch.randn(comp.shape, generator=gen), torch.zeros(()))
@@ -125,7 +145,7 @@ def child(args) -> dict:
     _reset_peak()
     base = _status_mib("VmRSS")
     t0 = time.perf_counter()
-    hidden = response_hidden(model, inputs, comp, mask)
+    hidden = response_hidden(model, inputs, comp, mask, args.forward)
     if args.path == "full":
         logits = model.get_output_embeddings()(hidden)
         logp, _ = token_logprobs(logits, comp, mask, suppress_token_ids=sup)
@@ -151,6 +171,9 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=448)
     ap.add_argument("--vision-depth", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model weights")
+    ap.add_argument("--forward", choices=("shared", "plain"), default="shared",
+                    help="decoder forward shared by both paths: the trainer's shared-prompt path or one per row")
     ap.add_argument("--json", default=None)
     ap.add_argument("--path", choices=("full", "chunked"), default=None, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
