@@ -11,8 +11,9 @@ blocks (one of them full-attention), random init, float32 (the CPU default), LoR
 q/k/v/o/gate/up/down (calibrl.trainer.lora_config); the tied embedding / LM head stays frozen, as under LoRA.
 Step: 1 prompt (one `--image-size` square image) x G rows of `--new-tokens` response tokens each (random ids, no
 suppressed id, ragged: the last row ends early), the teacher-forced decoder forward (`--forward shared`, default:
-the trainer's shared-prompt path for Qwen2.5-VL, calibrl.prefix; `plain`: one forward per row), then the response positions' log-probs through the LM head, `calibrl_loss` with paper defaults against fixed old
-and expert log-probs, and backward into the LoRA weights. The two paths share everything except the LM-head step:
+the trainer's shared-prompt path for Qwen2.5-VL, calibrl.prefix; `plain`: one forward per row), then the response
+positions' log-probs through the LM head, `calibrl_loss` with paper defaults against fixed old and expert log-probs,
+and backward into the LoRA weights. The two paths share everything except the LM-head step:
   full    : logits = lm_head(hidden) [G,T,V], then the sampler's log_softmax (calibrl.rollout.token_logprobs)
   chunked : calibrl.lmhead.head_token_logprobs(hidden, lm_head.weight, ...) (no [G,T,V] tensor anywhere)
 Peak = the child's peak RSS over the step (VmHWM after resetting the watermark once the model and inputs are built;

@@ -213,10 +213,11 @@ def main() -> int:
         torch.cuda.synchronize()
         gap = row.get("logp_gap_max")
         true_gap = bool(meter.sampler_logp_recorded)
+        peaks = list(meter.rows.values())
         results.append(dict(
             step=i + 1, wall_s=time.perf_counter() - t,
-            peak_alloc_gib=max([r["peak_alloc_gib"] for r in meter.rows.values()] + [row.get("mem_peak_allocated_gib") or 0]),
-            peak_reserved_gib=max([r["peak_reserved_gib"] for r in meter.rows.values()] + [row.get("mem_peak_reserved_gib") or 0]),
+            peak_alloc_gib=max([r["peak_alloc_gib"] for r in peaks] + [row.get("mem_peak_allocated_gib") or 0]),
+            peak_reserved_gib=max([r["peak_reserved_gib"] for r in peaks] + [row.get("mem_peak_reserved_gib") or 0]),
             phases=meter.rows, row_timings={k: v for k, v in row.items() if k.endswith("_s") and k != "time_s"},
             response_len_mean=row.get("response_len_mean"),
             # sampler-vs-trainer only when the sampler recorded its own log-probs; else the trainer's recomputed

@@ -5,8 +5,9 @@ time, so neither the forward nor the backward ever holds a [B,T,V] tensor (V = 1
 `calibrl.rollout.token_logprobs(hidden @ weight.T + bias, targets, mask, ...)` (the sampler's distribution: float32
 logits, suppressed ids at -inf, divided by temperature, log_softmax) in value and in gradient. It runs a custom
 autograd function over the real (mask = 1) positions only: the forward keeps only its inputs and the [M] entropy,
-and the backward recomputes each chunk's logits and log-softmax (one extra LM-head matmul per chunk), so the extra memory is a few chunk x V float32
-tensors whatever B x T is (about 4 x chunk_tokens x V x 4 bytes; 0.6 GB at 256 positions and V = 151,936).
+and the backward recomputes each chunk's logits and log-softmax (one extra LM-head matmul per chunk), so the extra
+memory is a few chunk x V float32 tensors whatever B x T is (about 4 x chunk_tokens x V x 4 bytes: 0.6 GB at 256
+positions and V = 151,936).
 
 Precision: the logits matmul runs in the dtype of `hidden`/`weight` (as the model's own lm_head does, so bf16
 models reproduce the sampler's logits), everything after it in float32. Gradients: w.r.t. hidden always when it
