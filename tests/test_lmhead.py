@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from calibrl.lmhead import head_token_logprobs, output_head
-from calibrl.rollout import token_logprobs
+from calibrl.logprobs import token_logprobs
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "tiny-qwen2.5-vl"
 
@@ -229,3 +229,55 @@ def test_plain_head_accepts_linear_and_tensor_only():
     assert plain_head(torch.nn.Sequential(lin)) is None
     with pytest.raises(ValueError, match="model"):
         output_head(torch.nn.Module())
+
+
+@pytest.mark.parametrize("sampler", ["shared-prefix", "generate"])
+def test_trainer_path_chunked_equals_full_on_tiny_model(tiny_model, sampler, monkeypatch):
+    """rows_logprobs (the trainer's old/expert and training forwards) with the chunked head forced on equals the
+    full-vocabulary path: log-probs, entropy and the gradient of every trainable parameter, <= 1e-5."""
+    from calibrl import logprobs
+    from calibrl.models import load_policy
+    from calibrl.rollout import encode_prompts, rows_logprobs
+    from calibrl.tasks import DEFAULT_TASK, sample
+    from calibrl.trainer import lora_config
+    from calibrl.config import TrainConfig
+
+    torch.manual_seed(0)
+    pol = load_policy("tiny", lora=lora_config(TrainConfig()))
+    exs = [sample(DEFAULT_TASK, i, 0) for i in range(2)]
+    inputs = encode_prompts(pol, [e["image"] for e in exs], [e["question"] for e in exs])
+    gen = torch.Generator().manual_seed(0)
+    comp = torch.randint(0, 400, (4, 6), generator=gen)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    rows = torch.tensor([0, 0, 1, 1])
+    params = [p for p in pol.model.parameters() if p.requires_grad]
+    outs = []
+    for threshold in (10**18, 0):  # full path, then the chunked head forced on
+        monkeypatch.setattr(logprobs, "CHUNKED_MIN_LOGITS", threshold)
+        for p in params:
+            p.grad = None
+        lp, ent = rows_logprobs(pol, inputs, rows, comp, mask, temperature=0.8, return_entropy=True, sampler=sampler)
+        (lp.sum() + 0.3 * ent.sum()).backward()
+        outs.append((lp.detach(), ent.detach(), [p.grad.clone() for p in params]))
+    (lp0, e0, g0), (lp1, e1, g1) = outs
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(e1, e0, atol=1e-5, rtol=0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_large_problems_take_the_chunked_head(monkeypatch):
+    """Above CHUNKED_MIN_LOGITS the seam calls calibrl.lmhead (no [N,T,V] tensor); below it the full path."""
+    from calibrl import lmhead, logprobs
+
+    calls = []
+    real = lmhead.head_token_logprobs
+    monkeypatch.setattr(lmhead, "head_token_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden, targets, mask = torch.randn(2, 3, 8), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3)
+    logprobs.head_token_logprobs(hidden, head, targets, mask, suppress_token_ids=[])
+    assert not calls
+    monkeypatch.setattr(logprobs, "CHUNKED_MIN_LOGITS", 2 * 3 * 50 - 1)
+    logprobs.head_token_logprobs(hidden, head, targets, mask, suppress_token_ids=[])
+    assert calls == [1]
