@@ -14,7 +14,7 @@ suppressed id, ragged: the last row ends early), the teacher-forced decoder forw
 the trainer's shared-prompt path for Qwen2.5-VL, calibrl.prefix; `plain`: one forward per row), then the response
 positions' log-probs through the LM head, `calibrl_loss` with paper defaults against fixed old and expert log-probs,
 and backward into the LoRA weights. The two paths share everything except the LM-head step:
-  full    : logits = lm_head(hidden) [G,T,V], then the sampler's log_softmax (calibrl.rollout.token_logprobs)
+  full    : logits = lm_head(hidden) [G,T,V], then the sampler's log_softmax (calibrl.logprobs.token_logprobs)
   chunked : calibrl.lmhead.head_token_logprobs(hidden, lm_head.weight, ...) (no [G,T,V] tensor anywhere)
 Peak = the child's peak RSS over the step (VmHWM after resetting the watermark once the model and inputs are built;
 it includes the resident model and inputs); `base` = RSS just before the step; ru_maxrss (whole process, model
@@ -106,8 +106,9 @@ def response_hidden(model, inputs, comp, mask, forward: str):
 
         rows = torch.zeros(comp.shape[0], dtype=torch.long)
         eos = int(comp[mask][0])
-        if hasattr(prefix, "shared_hidden"):
-            return prefix.shared_hidden(model, inputs, rows, comp, mask, eos)
+        if hasattr(prefix, "shared_hidden"):  # a SharedHidden (prompt rows unexpanded) in newer calibrl
+            h = prefix.shared_hidden(model, inputs, rows, comp, mask, eos)
+            return h.dense() if hasattr(h, "dense") else h
         base = model.get_base_model()
         head, base.lm_head = base.lm_head, torch.nn.Identity()  # the same forward, returning hidden states
         try:
@@ -130,7 +131,7 @@ def child(args) -> dict:
 
     from calibrl.lmhead import head_token_logprobs, output_head
     from calibrl.losses import calibrl_loss
-    from calibrl.rollout import token_logprobs
+    from calibrl.logprobs import token_logprobs
 
     torch.set_num_threads(args.threads)
     model, inputs, comp, mask, sup = build(args.vision_depth, args.image_size, args.group_size, args.new_tokens,
