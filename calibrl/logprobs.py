@@ -102,6 +102,11 @@ def _project(hidden: torch.Tensor, head: Any) -> torch.Tensor:
     return head(hidden) if callable(head) else torch.nn.functional.linear(hidden, head)
 
 
+CHUNKED_MIN_LOGITS = 2**24
+"""Above this many logits (N x T x V) `head_token_logprobs` takes the chunked LM head (calibrl.lmhead), which never
+builds [N,T,V] tensors; below it (the embedded tiny model) the full-vocabulary path, bit-identical to before."""
+
+
 def head_token_logprobs(hidden: torch.Tensor | SharedHidden, head: Any, targets: torch.Tensor, mask: torch.Tensor, *,
                         suppress_token_ids: Sequence[int], temperature: float = 1.0,
                         return_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -109,11 +114,23 @@ def head_token_logprobs(hidden: torch.Tensor | SharedHidden, head: Any, targets:
     them, through the LM head `head` (a module or a [V,H] weight), masked like the sampler; 0 where mask is 0.
     `hidden` may be a SharedHidden (the shared-prefix pass): its prompt rows are projected once per prompt.
 
-    Full-vocabulary reference: builds the [N,T,V] logits once. It is the one function a chunked LM-head
-    implementation replaces (same arguments, same results)."""
+    Large problems (more than CHUNKED_MIN_LOGITS logits) with a plain linear head go through
+    `calibrl.lmhead.head_token_logprobs` (chunks of positions, custom backward: no [N,T,V] tensor in the forward or
+    the backward; equal to the full path to float rounding, tests/test_lmhead.py); otherwise the full-vocabulary
+    reference builds the [N,T,V] logits once."""
+    from calibrl import lmhead
+
     if hidden.dim() != 3:
         raise ValueError(f"hidden: expected [N,T,H], got {tuple(hidden.shape)}")
     _check(targets, mask, hidden.shape[:2], temperature, "hidden")
+    plain = lmhead.plain_head(head)
+    n, t, _ = hidden.shape
+    if plain is not None and n * t * plain[0].shape[0] > CHUNKED_MIN_LOGITS:
+        dense = hidden.dense() if isinstance(hidden, SharedHidden) else hidden
+        if plain[0].dtype == dense.dtype:
+            return lmhead.head_token_logprobs(dense, plain[0], targets, mask, bias=plain[1],
+                                              suppress_token_ids=suppress_token_ids, temperature=temperature,
+                                              return_entropy=return_entropy)
     if isinstance(hidden, SharedHidden):
         first = _project(hidden.first, head)[hidden.rows]
         logits = first if hidden.rest is None else torch.cat([first, _project(hidden.rest, head)], 1)
