@@ -170,8 +170,10 @@ def _draw_aligned(rng: random.Random):
 def _draw_cfg(rng: random.Random):
     from calibrl.config import TrainConfig
 
-    return (TrainConfig.from_budget("smoke", prompts_per_step=4, ppo_epochs=rng.randint(1, 3), minibatches=rng.choice((1, 2, 4)),
-                                    grad_accum=rng.choice((2, 3, 4))),)
+    minibatches, grad_accum = rng.choice((1, 2, 4)), rng.choice((2, 3, 4))
+    # whole-prompt micro-batches: each mini-batch holds at least grad_accum prompts
+    return (TrainConfig.from_budget("smoke", prompts_per_step=minibatches * grad_accum * rng.choice((1, 2)),
+                                    ppo_epochs=rng.randint(1, 3), minibatches=minibatches, grad_accum=grad_accum),)
 
 
 def _draw_completion(rng: random.Random):
