@@ -156,7 +156,7 @@ def compare(*, budget: str = "smoke", model: str = "tiny", task: str | None = No
         dirs.append(tr.run_dir)
         del tr
     bar.close()
-    report = write_report(dirs, root / "report.html",
+    report = write_report(dirs, root / "report.html", budget=budget,
                           title=f"calibrl: {' vs '.join(modes)} ({budget}, seeds {','.join(map(str, seeds))})")
     print(f"trained {len(cfgs)} runs in {time.perf_counter() - t0:.1f} s; report: {report}")
     return report
