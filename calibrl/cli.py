@@ -115,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_missing", None):
         print(f"calibrl {args.command}: error: unavailable ({args._missing})", file=sys.stderr)
         return 2
+    from calibrl.quiet import known_noise
+
     try:
-        return int(args._run(args) or 0)
+        with known_noise():  # the third-party warnings calibrl's own calls trigger, nothing else
+            return int(args._run(args) or 0)
     except ValueError as err:  # bad input: one clear line, no traceback (CALIBRL_DEBUG=1 shows it)
         if os.environ.get("CALIBRL_DEBUG"):
             raise
