@@ -120,10 +120,15 @@ def test_notebook_02_slope_slider_in_jupyterlab(tmp_path):
             page.goto(f"{base}/lab/tree/02_calibrl_loss.ipynb")
             page.wait_for_selector(".jp-Notebook", timeout=120_000)
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
-            page.click("text=Run", timeout=30_000)  # the Run menu
-            page.click("text=Run All Cells", timeout=30_000)
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            page.click(".lm-MenuBar-item:has-text('Run')", timeout=30_000)  # the Run menu
+            page.click(".lm-Menu-item:has-text('Run All Cells')", timeout=30_000)
             slider = page.locator(".widget-slider:has-text('slope α') .noUi-handle").first
-            slider.wait_for(timeout=240_000)
+            try:
+                slider.wait_for(timeout=240_000)
+            except Exception:
+                page.screenshot(path=str(SHOTS / "notebook02-no-slider.png"), full_page=False)
+                raise
             page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=120_000)
             read = ("() => JSON.stringify([...document.querySelectorAll('.js-plotly-plot')].map(d => "
                     "(d.data || []).map(t => [t.y, t.z])))")
