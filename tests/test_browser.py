@@ -98,11 +98,16 @@ def test_notebook_02_slope_slider_in_jupyterlab(tmp_path):
            "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
     work = tmp_path / "nb"
     work.mkdir()
+    settings = tmp_path / "lab-settings"  # render every cell (no windowing) and ask no news question
+    for ext, name, body in (("notebook-extension", "tracker", {"windowingMode": "none"}),
+                            ("apputils-extension", "notification", {"fetchNews": "false"})):
+        (settings / "@jupyterlab" / ext).mkdir(parents=True, exist_ok=True)
+        (settings / "@jupyterlab" / ext / f"{name}.jupyterlab-settings").write_text(json.dumps(body))
     shutil.copy(ROOT / "notebooks" / "02_calibrl_loss.ipynb", work)
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
          "--ServerApp.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
-         f"--ServerApp.root_dir={work}", "--LabApp.news_url=",
+         f"--ServerApp.root_dir={work}", "--LabApp.news_url=", f"--LabApp.user_settings_dir={settings}",
          "--LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -119,34 +124,42 @@ def test_notebook_02_slope_slider_in_jupyterlab(tmp_path):
             page = browser.new_page(viewport={"width": 1300, "height": 1000})
             page.goto(f"{base}/lab/tree/02_calibrl_loss.ipynb")
             page.wait_for_selector(".jp-Notebook", timeout=120_000)
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+            page.wait_for_selector("text=/ipykernel\\) \\| Idle/", timeout=180_000)  # kernel started and idle
             SHOTS.mkdir(parents=True, exist_ok=True)
-            page.click(".lm-MenuBar-item:has-text('Run')", timeout=30_000)  # the Run menu
-            page.click(".lm-Menu-item:has-text('Run All Cells')", timeout=30_000)
-            slider = page.locator(".widget-slider:has-text('slope α') .noUi-handle").first
-            try:
-                slider.wait_for(timeout=240_000)
-            except Exception:
-                page.screenshot(path=str(SHOTS / "notebook02-no-slider.png"), full_page=False)
-                raise
-            page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=120_000)
+            for _ in range(3):  # Run > Run All Cells, until the first code cell has run
+                page.click(".lm-MenuBar-item:has-text('Run')", timeout=30_000)
+                page.click(".lm-Menu-item:has-text('Run All Cells')", timeout=30_000)
+                try:
+                    page.wait_for_selector(".jp-InputPrompt:has-text('[1]')", timeout=30_000)
+                    break
+                except Exception:
+                    page.keyboard.press("Escape")
+            page.wait_for_selector("text=Exercise 2: correct", timeout=240_000)  # the last cell ran
+            slider = page.locator(".widget-slider:has-text('slope α')").first
+            handle, readout = slider.locator(".noUi-handle").first, slider.locator(".widget-readout").first
+            # every plot's traces as [type, y, z]; the weights heatmap's z depends on the slope
             read = ("() => JSON.stringify([...document.querySelectorAll('.js-plotly-plot')].map(d => "
-                    "(d.data || []).map(t => [t.y, t.z])))")
-            time.sleep(1.0)
-            before = page.evaluate(read)
-            SHOTS.mkdir(parents=True, exist_ok=True)
+                    "(d.data || []).map(t => [t.type, t.y || null, t.z || null])))")
+            page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=120_000)
             slider.scroll_into_view_if_needed()
+            time.sleep(1.0)
+            start_value, before = readout.inner_text(), page.evaluate(read)
+            handle.focus()  # keyboard: the focused handle takes arrow keys, like a user tabbing to it
             for _ in range(4):
-                slider.press("ArrowRight")  # keyboard, like a user tabbing to the handle
+                page.keyboard.press("ArrowRight")
             try:
-                page.wait_for_function(f"({read})() !== {json.dumps(before)}", timeout=60_000)
+                page.wait_for_function(f"({read})() !== {json.dumps(before)}", timeout=90_000)
             finally:
+                time.sleep(1.0)
+                page.locator(".widget-vbox:has(.widget-slider) .js-plotly-plot").nth(1).scroll_into_view_if_needed()
                 page.screenshot(path=str(SHOTS / "notebook02-slider.png"), full_page=False)
+            assert readout.inner_text() != start_value
             after = page.evaluate(read)
             browser.close()
-        assert before != after
-        value = json.loads(after)
-        assert any(trace[1] for fig in value for trace in fig), "the weights heatmap (z) was not read from the DOM"
+        heat_before = [t[2] for fig in json.loads(before) for t in fig if t[0] == "heatmap" and t[2]]
+        heat_after = [t[2] for fig in json.loads(after) for t in fig if t[0] == "heatmap" and t[2]]
+        assert heat_before and len(heat_before) == len(heat_after), "the weight heatmaps were not read from the DOM"
+        assert heat_before != heat_after, "moving the slope slider did not change the weights heatmap"
     finally:
         server.terminate()
         server.wait(timeout=30)
