@@ -4,10 +4,12 @@ The cell is found by its tag `colab-install` (or, the first time, by its marker 
 cell's source changes, every other cell is left byte-for-byte as it is. The cell installs calibrl non-editably from
 the repository (the tiny model ships inside the package), keeps Colab's own torch (no torch reinstall: the package's
 lower bound is met), and asks for a runtime restart only when it had to upgrade a package Colab had already imported.
+The extras the cell installed before (e.g. `[trl,tb]` in notebook 10) are kept; `[gpu]` when it named none.
 """
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -27,7 +29,7 @@ if "google.colab" in sys.modules:
 
     before = {p: _version(p) for p in ("torch", "transformers", "plotly", "ipywidgets")}
     # Colab's torch already meets calibrl's lower bound, so pip keeps it (no multi-GB reinstall).
-    %pip install -q "calibrl[gpu] @ git+{REPO_URL}"
+    %pip install -q "calibrl[@EXTRAS@] @ git+{REPO_URL}"
     from google.colab import output
 
     output.enable_custom_widget_manager()
@@ -36,8 +38,8 @@ if "google.colab" in sys.modules:
         print(f"upgraded {changed}: Runtime -> Restart session, then run the notebook again")'''
 
 
-def _source() -> list[str]:
-    lines = CELL.split("\n")
+def _source(extras: str) -> list[str]:
+    lines = CELL.replace("@EXTRAS@", extras).split("\n")
     return [ln + "\n" for ln in lines[:-1]] + [lines[-1]]
 
 
@@ -51,7 +53,8 @@ def set_cell(path: Path) -> bool:
     if len(cells) != 1:
         raise ValueError(f"{path}: expected exactly one Colab cell (tag {TAG!r} or marker {MARKER!r}), found {len(cells)}")
     cell = cells[0]
-    cell["source"] = _source()
+    found = re.search(r"calibrl\[([A-Za-z0-9_,-]+)\]", "".join(cell["source"]))  # keep the notebook's extras
+    cell["source"] = _source(found.group(1) if found else "gpu")
     tags = cell.setdefault("metadata", {}).setdefault("tags", [])
     if TAG not in tags:
         tags.append(TAG)
