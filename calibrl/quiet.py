@@ -29,6 +29,12 @@ class _Drop(logging.Filter):
 def known_noise() -> Iterator[None]:
     """Silence exactly the messages listed in this module's docstring for the duration of the block."""
     drop = _Drop()
+    try:  # transformers adds its stderr handler lazily: create it now so that the filter below is on it
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.get_logger("transformers")
+    except ImportError:
+        pass
     loggers = [logging.getLogger(name) for name in LOGGERS]
     handlers = [h for lg in loggers for h in lg.handlers] + logging.getLogger().handlers
     with warnings.catch_warnings():

@@ -165,3 +165,26 @@ def test_eval_takes_a_hub_format_dataset(tmp_path, capsys):
     rc = main(["eval", "--data", str(path), "--n", "2", "--samples-per-prompt", "1", "--max-new-tokens", "8"])
     out = capsys.readouterr().out
     assert rc == 0 and f"task=--data {path} n=2" in out and "accuracy=" in out
+
+
+def test_known_noise_silenced_only_inside_and_only_by_message(capfd):
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from calibrl.quiet import known_noise
+
+    log = hf_logging.get_logger("transformers.utils.generic")
+    noise = "`past_key_values`/`cache_params` are deprecated. Use `cache` instead."
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with known_noise():
+            log.warning(noise)
+            log.warning("an unrelated transformers warning")
+            warnings.warn("`past_key_values` is deprecated and will be removed", FutureWarning)
+            warnings.warn("another FutureWarning", FutureWarning)
+        warnings.warn("`past_key_values` is deprecated and will be removed", FutureWarning)  # outside: shown
+    err = capfd.readouterr().err
+    assert noise not in err and "an unrelated transformers warning" in err
+    assert [str(w.message) for w in seen] == ["another FutureWarning",
+                                              "`past_key_values` is deprecated and will be removed"]
