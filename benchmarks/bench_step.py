@@ -28,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSET = ROOT / "assets" / "tiny-qwen2.5-vl"
+ASSET = ROOT / "calibrl" / "assets" / "tiny-qwen2.5-vl"
 LM_QKVO = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
 

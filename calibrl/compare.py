@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", default="smoke", choices=("smoke", "small", "full"), help="size dial (default smoke)")
     parser.add_argument("--model", default="tiny", help="tiny (embedded default), a local path or a hub id")
     parser.add_argument("--task", default=None, help="task family (default: calibrl.tasks.DEFAULT_TASK)")
+    parser.add_argument("--data", default=None,
+                        help="train on this saved or hub-format dataset (folder or .parquet, with expert solutions); "
+                             "its last eval_n rows are held out for evaluation")
     parser.add_argument("--modes", default="grpo,calibrl", help="comma-separated modes (default grpo,calibrl)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     parser.add_argument("--steps", type=int, default=None, help="override the budget's number of RL steps")
@@ -98,7 +101,7 @@ def _plan(root: Path, cfgs: list, overwrite: bool, resume: bool) -> dict[str, st
 def compare(*, budget: str = "smoke", model: str = "tiny", task: str | None = None,
             modes: list[str] = ("grpo", "calibrl"), seeds: list[int] = (0,), out: str | Path = "runs",
             name: str | None = None, overwrite: bool = False, resume: bool = False, progress: bool = True,
-            report_to: str = "none", **overrides) -> Path:
+            report_to: str = "none", data_path: str | Path | None = None, **overrides) -> Path:
     """Train every (seed, mode) from the same start and write OUT/NAME/report.html; returns the report path.
 
     All inputs are checked (configs, datasets, the model's processor) before any training starts."""
@@ -123,8 +126,17 @@ def compare(*, budget: str = "smoke", model: str = "tiny", task: str | None = No
     plan = _plan(root, cfgs, overwrite, resume)  # files checked before any model loads
     task_name = task or DEFAULT_TASK
     c0 = cfgs[0]
-    data = {s: make_dataset(task_name, c0.train_size, s, style=c0.expert_style) for s in seeds}
-    eval_data = make_dataset(task_name, c0.eval_n, EVAL_SEED) if c0.eval_every else None
+    if data_path is not None:  # the user's data: the last eval_n rows held out (at most a quarter of it)
+        from calibrl.data import load_user_dataset
+
+        user = load_user_dataset(data_path, require_solution=True)
+        n_eval = min(c0.eval_n, len(user) // 4) if c0.eval_every else 0
+        train = user.select(range(len(user) - n_eval))
+        data = {s: train for s in seeds}
+        eval_data = user.select(range(len(user) - n_eval, len(user))) if n_eval else None
+    else:
+        data = {s: make_dataset(task_name, c0.train_size, s, style=c0.expert_style) for s in seeds}
+        eval_data = make_dataset(task_name, c0.eval_n, EVAL_SEED) if c0.eval_every else None
     torch.manual_seed(c0.seed)
     first = load_policy(model, lora=lora_config(c0), quantization=c0.quantization)
     for c in cfgs:  # every bad input before any training
@@ -156,7 +168,7 @@ def compare(*, budget: str = "smoke", model: str = "tiny", task: str | None = No
         dirs.append(tr.run_dir)
         del tr
     bar.close()
-    report = write_report(dirs, root / "report.html",
+    report = write_report(dirs, root / "report.html", budget=budget,
                           title=f"calibrl: {' vs '.join(modes)} ({budget}, seeds {','.join(map(str, seeds))})")
     print(f"trained {len(cfgs)} runs in {time.perf_counter() - t0:.1f} s; report: {report}")
     return report
@@ -179,5 +191,6 @@ def run(args: argparse.Namespace) -> int:
     if args.quantization:
         overrides["quantization"] = args.quantization
     compare(budget=args.budget, model=args.model, task=args.task, modes=modes, seeds=seeds, out=args.out,
-            name=args.name, overwrite=args.overwrite, resume=args.resume, report_to=args.report_to, **overrides)
+            name=args.name, overwrite=args.overwrite, resume=args.resume, report_to=args.report_to,
+            data_path=args.data, **overrides)
     return 0

@@ -180,3 +180,10 @@ def from_hub_format(ds: Any, *, require_solution: bool = False, add_instruction:
             row["solution"] = sol or ""
         rows.append(row)
     return datasets.Dataset.from_list(rows, features=_features(has_sol))
+
+
+def load_user_dataset(path: str | os.PathLike, *, require_solution: bool = False) -> Any:
+    """A dataset given on the command line (`--data DIR`): a save_dataset folder or .parquet file, in our columns or
+    in a hub format, mapped and validated with `from_hub_format` (so both shapes give image, question, answer[,
+    solution])."""
+    return from_hub_format(load_dataset(path), require_solution=require_solution)

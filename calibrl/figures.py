@@ -2,7 +2,8 @@
 
 Teaching figures live here (the LeakyReLU gate, per-token weights, gradient weights, group rarity); figures over
 training runs (curves, entropy heatmap, gate by branch, pass-rate histogram, calibration) live in
-`calibrl.figures_train` and are re-exported here. One colour per method everywhere: `METHOD_COLORS`.
+`calibrl.figures_train` and are re-exported here. One colour per method everywhere: `METHOD_COLORS` (from
+`calibrl.palette`, re-exported).
 
 The gate (calibrl-algorithm.md §2): with gap_t = log pi(y_t) - e_t and s = +1 for passed rows, -1 otherwise,
 guide loss per token = |A| * LeakyReLU(-s * gap_t, alpha); its gradient weight on log pi(y_t) is
@@ -10,39 +11,21 @@ w_t = 1 where s * gap_t < 0 (the side that still needs correcting) and w_t = alp
 """
 from __future__ import annotations
 
-import re
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-METHOD_COLORS: dict[str, str] = {
-    "grpo": "#636EFA", "calibrl": "#EF553B", "dr_grpo": "#00CC96", "dapo": "#AB63FA",
-    "luffy": "#FFA15A", "rlplus": "#19D3F3", "expert": "#7F7F7F",
-}
-"""One colour per method, used by every figure and widget."""
-OTHER_COLOR = "#BAB0AC"
-"""Colour of a run or label that names no known method (e.g. the start policy)."""
-PASSED_COLOR, FAILED_COLOR = "#2E7D32", "#8C564B"
-"""Colours of passed (s=+1) and failed (s=-1) rows; not methods."""
-PASSED_LIGHT, FAILED_LIGHT = "#A5D6A7", "#D7B9A8"
-"""Lighter shades for the weight-alpha side of the gate."""
-
-
-def method_color(name: str) -> str:
-    """Colour of a method, or of a label that contains a method name as a word (e.g. "calibrl α=0.3" or
-    "grpo after"); OTHER_COLOR when no method is named. Longer names win (dr_grpo before grpo)."""
-    if not isinstance(name, str):
-        raise ValueError(f"name: expected a method name or label string, got {type(name).__name__}")
-    key = name.strip().lower()
-    if key in METHOD_COLORS:
-        return METHOD_COLORS[key]
-    for method in sorted(METHOD_COLORS, key=len, reverse=True):
-        if re.search(rf"(?<![a-z_]){re.escape(method)}(?![a-z_])", key):
-            return METHOD_COLORS[method]
-    return OTHER_COLOR
-
+# Figures over training runs, re-exported so that this module is the one import point for figures
+# (one-way: figures_train never imports this module).
+from calibrl.figures_train import (
+    GATE_BRANCHES, LEGEND_BELOW, fig_calibration, fig_curves, fig_entropy_heatmap, fig_gate_branches, fig_panel,
+    fig_rarity_hist, int_step_axis, mean_ci_by_step, to_frame,
+)
+from calibrl.palette import (
+    FAILED_COLOR, FAILED_LIGHT, METHOD_COLORS, OTHER_COLOR, PASSED_COLOR, PASSED_LIGHT, REFERENCE_COLOR, method_color,
+)
 
 # ------------------------------------------------------------------------------------------------ gate math
 def _array(x: Any, name: str, ndim: int | None = None) -> np.ndarray:
@@ -94,6 +77,14 @@ def gate_weights(logp: Any, expert_logp: Any, passed: Any, slope: float, mask: A
     return np.where(m, w, np.nan)
 
 
+def _layout(fig: go.Figure, title: str, *, height: int = 520) -> go.Figure:
+    """Shared layout of the teaching figures: legend under the plots (never over a line, a colorbar or an axis
+    label), room for it in the bottom margin."""
+    fig.update_layout(title=title, template="plotly_white", height=height, legend=LEGEND_BELOW,
+                      margin=dict(l=70, r=30, t=80, b=120))
+    return fig
+
+
 def _nan_to_none(a: np.ndarray) -> list:
     return [[None if not np.isfinite(v) else float(v) for v in row] for row in a]
 
@@ -117,11 +108,9 @@ def fig_gate(slope: float = 0.5, *, abs_adv: float = 1.0, gap_range: tuple[float
                              line=dict(color=PASSED_COLOR, width=3)))
     fig.add_trace(go.Scatter(x=x, y=abs_adv * leaky_relu(x, slope), name="failed (s=-1)",
                              line=dict(color=FAILED_COLOR, width=3, dash="dash")))
-    fig.add_vline(x=0, line=dict(color="#999", dash="dot"))
-    fig.update_layout(title=f"CalibRL gate: |A|·LeakyReLU(−s·gap, α={slope:g}), |A|={abs_adv:g}",
-                      xaxis_title="gap = log π(y_t) − e_t (policy minus expert)",
-                      yaxis_title="guide loss per token", template="plotly_white", legend=dict(x=0.01, y=0.99))
-    return fig
+    fig.add_vline(x=0, line=dict(color=REFERENCE_COLOR, dash="dot"))
+    fig.update_layout(xaxis_title="gap = log π(y_t) − e_t (policy minus expert)", yaxis_title="guide loss per token")
+    return _layout(fig, f"CalibRL gate: |A|·LeakyReLU(−s·gap, α={slope:g}), |A|={abs_adv:g}", height=440)
 
 
 def fig_token_weights(logp: Any, expert_logp: Any, passed: Any, slope: float, *, mask: Any | None = None) -> go.Figure:
@@ -130,8 +119,8 @@ def fig_token_weights(logp: Any, expert_logp: Any, passed: Any, slope: float, *,
     diagonal (trace 2) is the gate boundary. Right: heatmap of the weights [B, T] (trace 3, None where masked)."""
     w = gate_weights(logp, expert_logp, passed, slope, mask)
     lp, ep, ps, m = _batch(logp, expert_logp, passed, mask)
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55],
-                        subplot_titles=("policy vs expert log-prob per token", "gate weight per token"))
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.47, 0.53], horizontal_spacing=0.12,
+                        subplot_titles=("log-probs per token (filled: w=1, open: w=α)", "gate weight per token"))
     for flag, name, color in ((True, "passed rows", PASSED_COLOR), (False, "failed rows", FAILED_COLOR)):
         sel = m & (ps[:, None] == flag)
         ww = w[sel]
@@ -143,7 +132,7 @@ def fig_token_weights(logp: Any, expert_logp: Any, passed: Any, slope: float, *,
     both = np.concatenate([lp[m], ep[m]])
     lo, hi = float(both.min()), float(max(both.max(), 0.0))
     fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="log π = e_t",
-                             line=dict(color="#999", dash="dot")), row=1, col=1)
+                             line=dict(color=REFERENCE_COLOR, dash="dot")), row=1, col=1)
     fig.add_trace(go.Heatmap(z=_nan_to_none(w), zmin=0, zmax=1, colorscale="Greys", name="weight",
                              colorbar=dict(title="w"), hovertemplate="row %{y}, token %{x}: w=%{z:g}<extra></extra>"),
                   row=1, col=2)
@@ -151,9 +140,7 @@ def fig_token_weights(logp: Any, expert_logp: Any, passed: Any, slope: float, *,
     fig.update_yaxes(title_text="policy log-prob log π(y_t)", row=1, col=1)
     fig.update_xaxes(title_text="token position t", row=1, col=2)
     fig.update_yaxes(title_text="response row", autorange="reversed", row=1, col=2)
-    fig.update_layout(title=f"Token weights: 1 on the side to correct, α={_check_slope(slope):g} beyond the expert",
-                      template="plotly_white")
-    return fig
+    return _layout(fig, f"Token weights: 1 on the side to correct, α={_check_slope(slope):g} beyond the expert")
 
 
 def grad_weights(logp: Any, expert_logp: Any, passed: Any, adv: Any, slope: float, *, mask: Any | None = None,
@@ -175,28 +162,27 @@ def grad_weights(logp: Any, expert_logp: Any, passed: Any, adv: Any, slope: floa
 
 def fig_grad_weights(logp: Any, expert_logp: Any, passed: Any, adv: Any, slope: float, *, mask: Any | None = None,
                      guide_coef: float = 0.1, weight: str = "abs-adv") -> go.Figure:
-    """What the update does to each token. Left: heatmap (trace 0) of the guide term's coefficient on grad log pi
-    (`grad_weights`; + pushes the token up). Right: per row, the policy term's coefficient A_i at ratio 1
-    (trace 1) and the row mean of the guide coefficient (trace 2)."""
+    """What the update does to each token. Heatmap (trace 0) of the guide term's coefficient on grad log pi
+    (`grad_weights`; + pushes the token up), drawn on the right. Left: per row, the policy term's coefficient A_i
+    at ratio 1 (trace 1) and the row mean of the guide coefficient (trace 2)."""
     g = grad_weights(logp, expert_logp, passed, adv, slope, mask=mask, guide_coef=guide_coef, weight=weight)
     a = _array(adv, "adv", 1)
     rows = list(range(g.shape[0]))
     bound = float(np.nanmax(np.abs(g))) or 1.0
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4],
-                        subplot_titles=("guide coefficient λ·s·|A|·w per token", "per row: policy A vs mean guide"))
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.4, 0.6], horizontal_spacing=0.12,
+                        subplot_titles=("per row: policy A vs mean guide", "guide coefficient per token"))
     fig.add_trace(go.Heatmap(z=_nan_to_none(g), zmid=0, zmin=-bound, zmax=bound, colorscale="RdBu",
-                             colorbar=dict(title="push", x=0.55), name="guide coef",
-                             hovertemplate="row %{y}, token %{x}: %{z:.3f}<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Bar(x=rows, y=a, name="policy term A_i", marker_color=METHOD_COLORS["grpo"]), row=1, col=2)
+                             colorbar=dict(title="λ·s·|A|·w"), name="guide coef",
+                             hovertemplate="row %{y}, token %{x}: %{z:.3f}<extra></extra>"), row=1, col=2)
+    fig.add_trace(go.Bar(x=rows, y=a, name="policy term A_i", marker_color=METHOD_COLORS["grpo"]), row=1, col=1)
     fig.add_trace(go.Bar(x=rows, y=np.nanmean(g, axis=1), name="guide term (row mean)",
-                         marker_color=METHOD_COLORS["calibrl"]), row=1, col=2)
-    fig.update_xaxes(title_text="token position t", row=1, col=1)
-    fig.update_yaxes(title_text="response row", autorange="reversed", row=1, col=1)
-    fig.update_xaxes(title_text="response row", row=1, col=2)
-    fig.update_yaxes(title_text="coefficient on ∇log π", row=1, col=2)
-    fig.update_layout(title=f"Gradient weights (α={slope:g}, λ={guide_coef:g}, weight={weight})",
-                      template="plotly_white", barmode="group")
-    return fig
+                         marker_color=METHOD_COLORS["calibrl"]), row=1, col=1)
+    fig.update_xaxes(title_text="response row", dtick=1, row=1, col=1)
+    fig.update_yaxes(title_text="coefficient on ∇log π", row=1, col=1)
+    fig.update_xaxes(title_text="token position t", row=1, col=2)
+    fig.update_yaxes(title_text="response row", autorange="reversed", row=1, col=2)
+    fig.update_layout(barmode="group")
+    return _layout(fig, f"Gradient weights (α={slope:g}, λ={guide_coef:g}, weight={weight}); + pushes a token up")
 
 
 def fig_rarity(advantages: Any, passed: Any, *, curve: dict | None = None) -> go.Figure:
@@ -210,7 +196,8 @@ def fig_rarity(advantages: Any, passed: Any, *, curve: dict | None = None) -> go
         raise ValueError(f"passed: expected {a.shape[0]} values in {{0, 1}} like advantages, got shape {ps.shape}")
     ps = ps.astype(bool)
     idx = np.arange(len(a))
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("advantages of one group", "rarity: |A| vs passes k"))
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=("advantages of one group", "rarity: |A| vs passes k"))
     fig.add_trace(go.Bar(x=idx[ps], y=a[ps], name="A_i passed", marker_color=PASSED_COLOR), row=1, col=1)
     fig.add_trace(go.Bar(x=idx[~ps], y=a[~ps], name="A_i failed", marker_color=FAILED_COLOR), row=1, col=1)
     fig.add_trace(go.Scatter(x=idx, y=np.abs(a), mode="markers", name="|A_i| (guidance weight)",
@@ -225,23 +212,19 @@ def fig_rarity(advantages: Any, passed: Any, *, curve: dict | None = None) -> go
                                  line=dict(color=FAILED_COLOR, dash="dash")), row=1, col=2)
         if curve.get("current_k") is not None:
             fig.add_trace(go.Scatter(x=[curve["current_k"]] * 2, y=[0, float(np.abs(a).max(initial=0.0))],
-                                     mode="lines", name="this group", line=dict(color="#999", dash="dot")),
+                                     mode="lines", name="this group", line=dict(color=REFERENCE_COLOR, dash="dot")),
                           row=1, col=2)
         fig.update_xaxes(title_text="passes k in the group", row=1, col=2)
         fig.update_yaxes(title_text="|A|", row=1, col=2)
     fig.update_xaxes(title_text="response i", row=1, col=1)
     fig.update_yaxes(title_text="advantage A_i", row=1, col=1)
-    fig.update_layout(title=f"Group of G={len(a)} with k={int(ps.sum())} passes", template="plotly_white",
-                      barmode="overlay")
-    return fig
+    fig.update_xaxes(dtick=1 if len(a) <= 16 else None, row=1, col=1)
+    fig.update_layout(barmode="overlay")
+    return _layout(fig, f"Group of G={len(a)} with k={int(ps.sum())} passes")
 
-
-from calibrl.figures_train import (  # noqa: E402  (re-exported; figures_train imports this module lazily)
-    fig_calibration, fig_curves, fig_entropy_heatmap, fig_gate_branches, fig_rarity_hist, mean_ci_by_step, to_frame,
-)
 
 __all__ = [
-    "METHOD_COLORS", "OTHER_COLOR", "method_color", "leaky_relu", "gate_weights", "grad_weights", "fig_gate",
-    "fig_token_weights", "fig_grad_weights", "fig_rarity", "fig_curves", "fig_entropy_heatmap", "fig_gate_branches",
-    "fig_rarity_hist", "fig_calibration", "to_frame", "mean_ci_by_step",
+    "METHOD_COLORS", "OTHER_COLOR", "PASSED_COLOR", "FAILED_COLOR", "method_color", "leaky_relu", "gate_weights",
+    "grad_weights", "fig_gate", "fig_token_weights", "fig_grad_weights", "fig_rarity", "fig_curves", "fig_entropy_heatmap", "fig_gate_branches",
+    "fig_rarity_hist", "fig_calibration", "to_frame", "mean_ci_by_step", "int_step_axis",
 ]

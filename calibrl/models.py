@@ -31,10 +31,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _EXTRA_SUPPRESS = ("<|im_start|>",)  # never valid inside an answer; the prototype suppressed it too
 
 
-def tiny_path() -> Path:
-    """Directory of the shipped tiny model: $CALIBRL_TINY_PATH, else <repo>/assets/tiny-qwen2.5-vl."""
-    env = os.environ.get("CALIBRL_TINY_PATH")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "assets" / "tiny-qwen2.5-vl"
+from calibrl.tiny import tiny_path  # noqa: E402,F401  (re-exported: $CALIBRL_TINY_PATH or the package data)
 
 
 @dataclass
@@ -101,7 +98,30 @@ def _resolve(name_or_path: str) -> tuple[str, bool]:
     if s.startswith((".", "/", "~")) or not _HUB_ID.match(s):
         raise ValueError(f"name_or_path: unknown model {s!r} (not {TINY_NAME!r}, not an existing path, not a hub id); "
                          f"{accepted}")
+    _check_hub_reachable(s)
     return s, False
+
+
+def _check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
+    """Fail in well under a second, instead of after from_pretrained's retries (~37 s), when a hub id is neither in
+    the local cache nor downloadable: HF_HUB_OFFLINE set, or the hub endpoint not reachable within `timeout`."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return  # cached: from_pretrained loads it offline
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ValueError(f"name_or_path: hub model {repo_id!r} is not in the local cache and HF_HUB_OFFLINE is set. "
+                         f'Download it where there is network, pass a local path, or use "{TINY_NAME}".')
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as err:
+        raise ValueError(f"name_or_path: hub model {repo_id!r} is not in the local cache and {url.hostname} is "
+                         f"unreachable ({err}). Download it where there is network, pass a local path, or use "
+                         f'"{TINY_NAME}".') from None
 
 
 def _hub_error(name: str, err: Exception) -> ValueError:
@@ -198,7 +218,7 @@ def load_policy(name_or_path: str = TINY_NAME, *, quantization: str | None = Non
                 dtype: Any = None, device: Any = None, gradient_checkpointing: bool | None = None) -> Policy:
     """Load a vision-language policy.
 
-    name_or_path: "tiny" (assets/tiny-qwen2.5-vl, offline), a local checkpoint directory, or a hub id.
+    name_or_path: "tiny" (`tiny_path()`, the package data, offline), a local checkpoint directory, or a hub id.
     quantization: None or "4bit" (bitsandbytes NF4, double quantization; compute dtype bf16 on GPUs that support
         it, fp16 otherwise, fp32 on CPU; lm_head and the vision tower stay unquantized; k-bit training preparation).
     lora: None/False (no adapter), True (`default_lora_config()`), or a peft `LoraConfig` (target_modules None ->

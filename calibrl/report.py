@@ -1,115 +1,80 @@
 """Self-contained HTML report comparing runs by mode (plotly inlined once, opens offline).
 
-`python -m calibrl report RUN_DIR... [--out FILE]`. Curves are means over seeds; with several seeds a band shows
-mean +- 95% confidence interval (Student t over seeds)."""
+`python -m calibrl report RUN_DIR... [--out FILE]`. Curves are means over seeds (`calibrl.figures.fig_panel`); with
+several seeds a band shows mean ± 95% confidence interval (`calibrl.stats.mean_ci`, Student t over seeds), clipped to
+the metric's range. Every value read from run files (config values, names, modes, paths) is HTML-escaped: a run
+directory is data, never markup.
+"""
 from __future__ import annotations
 
 import argparse
 import html
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
-_FALLBACK_COLORS = {"grpo": "#636EFA", "calibrl": "#EF553B", "dr_grpo": "#00CC96", "dapo": "#AB63FA",
-                    "luffy": "#FFA15A", "rlplus": "#19D3F3", "expert": "#7F7F7F"}
+from calibrl import stats
+from calibrl.palette import method_color
 
 
-def _color(mode: str) -> str:
-    """One colour per method everywhere: calibrl.figures.METHOD_COLORS (the contract's palette as fallback)."""
-    try:
-        from calibrl.figures import METHOD_COLORS as colors
-    except ImportError:
-        colors = _FALLBACK_COLORS
-    return colors.get(mode, "#444444")
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, 95% half-width) of `values` from `calibrl.stats.mean_ci` (half-width 0 for a single value)."""
+    ci = stats.mean_ci(values)
+    if ci["n"] == 0:
+        raise ValueError("values: expected at least one number, got none")
+    return ci["mean"], ci["half"] or 0.0
 
-
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-# (title, y-axis title, [(metric, label suffix, dash)])
-PANELS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
-    ("Reward (on-policy samples)", "reward", [("reward_mean", "", "solid")]),
-    ("Training accuracy (fraction of samples passed)", "accuracy", [("acc_mean", "", "solid")]),
+# (title, y-axis title, [(metric, label suffix, dash)], chance line applies)
+PANELS: list[tuple[str, str, list[tuple[str, str, str]], bool]] = [
+    ("Reward (on-policy samples)", "reward", [("reward_mean", "", "solid")], False),
+    ("Training accuracy (fraction of samples passed)", "accuracy", [("acc_mean", "", "solid")], True),
     ("Held-out accuracy: greedy (solid) and pass@k (dotted)", "accuracy",
-     [("eval_greedy_acc", " greedy", "solid"), ("eval_pass_at_k", " pass@k", "dot")]),
+     [("eval_greedy_acc", " greedy", "solid"), ("eval_pass_at_k", " pass@k", "dot")], True),
     ("Entropy: passed (solid) vs failed (dashed) samples", "nats/token",
-     [("entropy_passed", " passed", "solid"), ("entropy_failed", " failed", "dash")]),
+     [("entropy_passed", " passed", "solid"), ("entropy_failed", " failed", "dash")], False),
     ("Entropy: on-policy (solid) vs expert tokens (dotted)", "nats/token",
-     [("entropy_mean", " on-policy", "solid"), ("entropy_expert", " expert", "dot")]),
-    ("Gate, passed rows: logp < e_t (weight 1, solid) / >= e_t (weight slope, dashed)", "fraction of tokens",
-     [("gate_passed_below", " passed<e", "solid"), ("gate_passed_above", " passed>=e", "dash")]),
-    ("Gate, failed rows: logp > e_t (weight 1, solid) / <= e_t (weight slope, dashed)", "fraction of tokens",
-     [("gate_failed_above", " failed>e", "solid"), ("gate_failed_below", " failed<=e", "dash")]),
-    ("Group rarity: uniform groups (solid), all-pass (dashed), all-fail (dotted)", "fraction of groups",
-     [("uniform_frac", " uniform", "solid"), ("all_pass_frac", " all-pass", "dash"), ("all_fail_frac", " all-fail", "dot")]),
-    ("KL to the start policy (k3, adapter disabled)", "nats/token", [("kl_to_start", "", "solid")]),
-    ("Response length", "tokens", [("response_len_mean", "", "solid")]),
-    ("Format rate", "fraction", [("format_rate", "", "solid")]),
+     [("entropy_mean", " on-policy", "solid"), ("entropy_expert", " expert", "dot")], False),
+    ("Gate, passed rows: logp < e_t (weight 1, solid) / >= e_t (weight α, dashed)", "fraction of tokens",
+     [("gate_passed_below", " passed<e", "solid"), ("gate_passed_above", " passed>=e", "dash")], False),
+    ("Gate, failed rows: logp > e_t (weight 1, solid) / <= e_t (weight α, dashed)", "fraction of tokens",
+     [("gate_failed_above", " failed>e", "solid"), ("gate_failed_below", " failed<=e", "dash")], False),
+    ("Group rarity: uniform (solid), all-pass (dashed), all-fail (dotted)", "fraction of groups",
+     [("uniform_frac", " uniform", "solid"), ("all_pass_frac", " all-pass", "dash"),
+      ("all_fail_frac", " all-fail", "dot")], False),
+    ("KL to the start policy (k3, adapter disabled)", "nats/token", [("kl_to_start", "", "solid")], False),
+    ("Response length", "tokens", [("response_len_mean", "", "solid")], False),
+    ("Format rate", "fraction", [("format_rate", "", "solid")], False),
     ("Expert gap logp - e_t: median (solid), 10% / 90% (dotted)", "nats",
-     [("expert_gap_q50", " q50", "solid"), ("expert_gap_q10", " q10", "dot"), ("expert_gap_q90", " q90", "dot")]),
+     [("expert_gap_q50", " q50", "solid"), ("expert_gap_q10", " q10", "dot"), ("expert_gap_q90", " q90", "dot")],
+     False),
     ("Gradient norm: total (solid), policy term (dashed), guidance term (dotted)", "norm",
-     [("grad_norm", " total", "solid"), ("grad_norm_pg", " pg", "dash"), ("grad_norm_guide", " guide", "dot")]),
-    ("Sampler vs trainer log-prob gap (must stay ~0)", "max |diff|", [("logp_gap_max", "", "solid")]),
+     [("grad_norm", " total", "solid"), ("grad_norm_pg", " pg", "dash"), ("grad_norm_guide", " guide", "dot")], False),
+    ("Sampler vs trainer log-prob gap (must stay ~0)", "max |diff|", [("logp_gap_max", "", "solid")], False),
 ]
 SUMMARY = [("eval_greedy_acc", "final greedy acc", "last"), ("eval_pass_at_k", "final pass@k", "last"),
            ("acc_mean", "train acc, last 10 steps", "tail"), ("entropy_mean", "entropy, mean over steps", "all"),
            ("entropy_mean", "entropy, last 10 steps", "tail"), ("uniform_frac", "uniform groups, mean", "all"),
            ("kl_to_start", "final KL to start", "last"), ("time_s", "seconds/step", "all")]
+RESULTS_POINTER = "the README's \"A real result\" section (the shipped 3-seed study, assets/runs/)"
 
 
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% confidence interval (Student t; 0 for a single value)."""
-    vals = [float(v) for v in values]
-    if not vals:
-        raise ValueError("values: expected at least one number, got none")
-    n, m = len(vals), sum(vals) / len(vals)
-    if n == 1:
-        return m, 0.0
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1))
-    t = _T95[min(n - 1, len(_T95)) - 1] if n - 1 <= len(_T95) else 1.96
-    return m, t * sd / math.sqrt(n)
+def _e(value: Any) -> str:
+    """Any value from a run file as HTML text (escaped, quotes included)."""
+    return html.escape(str(value), quote=True)
 
 
 def _series(hist: Any, key: str) -> dict[int, float]:
-    return {r["step"]: r[key] for r in hist.rows if r.get(key) is not None}
+    return {r["step"]: r[key] for r in hist.rows if isinstance(r.get(key), (int, float)) and r.get(key) == r.get(key)}
 
 
 def _by_mode(histories: Sequence[Any]) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
     for h in histories:
-        out.setdefault(h.mode or "?", []).append(h)
+        out.setdefault(str(h.mode or "?"), []).append(h)
     return out
 
 
-def _figure(title: str, ytitle: str, metrics: list[tuple[str, str, str]], groups: dict[str, list[Any]]):
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    for mode, hists in groups.items():
-        color = _color(mode)
-        for key, suffix, dash in metrics:
-            per_seed = [_series(h, key) for h in hists]
-            steps = sorted(set().union(*per_seed))
-            if not steps:
-                continue
-            stats = [mean_ci([s[t] for s in per_seed if t in s]) for t in steps]
-            mean = [m for m, _ in stats]
-            if len(hists) > 1:
-                hi = [m + c for m, c in stats]
-                lo = [m - c for m, c in stats]
-                fig.add_trace(go.Scatter(x=steps + steps[::-1], y=hi + lo[::-1], fill="toself", fillcolor=color,
-                                         opacity=0.15, line=dict(width=0), hoverinfo="skip", showlegend=False,
-                                         legendgroup=mode + suffix))
-            fig.add_trace(go.Scatter(x=steps, y=mean, mode="lines+markers" if len(steps) < 12 else "lines",
-                                     name=f"{mode}{suffix} (n={len(hists)})", legendgroup=mode + suffix,
-                                     line=dict(color=color, dash=dash)))
-    fig.update_layout(title=title, xaxis_title="RL step", yaxis_title=ytitle, height=360,
-                      margin=dict(l=60, r=20, t=50, b=40), template="plotly_white")
-    return fig
-
-
 def _summary_table(groups: dict[str, list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in SUMMARY)
+    head = "".join(f"<th>{_e(label)}</th>" for _, label, _ in SUMMARY)
     body = []
     for mode, hists in groups.items():
         cells = []
@@ -128,49 +93,84 @@ def _summary_table(groups: dict[str, list[Any]]) -> str:
             else:
                 cells.append("<td>&ndash;</td>")
         seeds = ", ".join(str(h.seed) for h in hists)
-        body.append(f"<tr><td style='color:{_color(mode)}'><b>{html.escape(mode)}</b></td>"
-                    f"<td>{html.escape(seeds)}</td>{''.join(cells)}</tr>")
+        body.append(f"<tr><td style='color:{method_color(mode)}'><b>{_e(mode)}</b></td>"
+                    f"<td>{_e(seeds)} (n={len(hists)})</td>{''.join(cells)}</tr>")
     return (f"<table><tr><th>mode</th><th>seeds</th>{head}</tr>{''.join(body)}</table>"
             "<p class='note'>Values: mean over seeds &plusmn; 95% CI half-width (Student t) when there are "
-            "several seeds. Gate fractions count tokens of non-uniform groups only; for modes that do not use the "
-            "expert they are counterfactual (what CalibRL's gate would do).</p>")
+            "several seeds; a single seed shows its value alone. Gate fractions count tokens of non-uniform groups "
+            "only; for modes that do not use the expert they are counterfactual (what CalibRL's gate would do).</p>")
 
 
-def build_report(run_dirs: Sequence[str | Path], *, title: str = "calibrl comparison") -> str:
-    """The HTML text of a report over the given run directories (plotly.js inlined once)."""
+def _num(cfg: dict, key: str, default: Any = None) -> Any:
+    v = cfg.get(key, default)
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+
+
+def _header(histories: Sequence[Any], groups: dict[str, list[Any]], budget: str | None) -> str:
+    """What the report compares, and, for a smoke-sized run, that it is a pipeline check, not a result."""
+    cfg = histories[0].config
+    steps = max(len(h.rows) for h in histories)
+    opt = (_num(cfg, "ppo_epochs", 1) or 1) * (_num(cfg, "minibatches", 1) or 1)
+    modes = " vs ".join(f"<b style='color:{method_color(m)}'>{_e(m)}</b>" for m in groups)
+    seeds = sorted({str(h.seed) for h in histories})
+    task = cfg.get("task") or _default_task()
+    what = (f"<p>Compares {modes} trained from the same start policy with the same seeds ({_e(', '.join(seeds))}) "
+            f"and data order: model {_e(cfg.get('model'))}, task {_e(task)}, {_e(steps)} RL steps of "
+            f"P={_e(cfg.get('prompts_per_step'))} prompts &times; G={_e(cfg.get('group_size'))} samples, "
+            f"{_e(cfg.get('max_new_tokens'))} new tokens, {_e(opt)} optimizer steps per RL step in every mode.</p>")
+    if budget == "smoke" or (budget is None and steps <= _smoke_steps()):
+        what += (f"<p class='warn'><b>Pipeline check, not a result.</b> This is a smoke-sized run ({_e(steps)} "
+                 f"steps, one or few seeds): it shows that training, the probes and this report work end to end. "
+                 f"Modes that share a start and a seed barely move apart in so few steps, so their curves overlap "
+                 f"by construction. For what GRPO and CalibRL do, see {_e(RESULTS_POINTER)}, or run "
+                 f"<code>calibrl compare --budget small --seeds 0,1,2</code>.</p>")
+    elif len(seeds) < 3:
+        what += (f"<p class='warn'>{len(seeds)} seed{'s' if len(seeds) != 1 else ''}: differences between modes are "
+                 f"not distinguishable from seed noise without several seeds.</p>")
+    return what
+
+
+def build_report(run_dirs: Sequence[str | Path], *, title: str = "calibrl comparison", budget: str | None = None,
+                 chance: float | None = None) -> str:
+    """The HTML text of a report over the given run directories (plotly.js inlined once). `budget`: the size dial
+    the runs used (None: a run of at most the smoke budget's steps counts as smoke); `chance`: a dotted chance
+    line on the accuracy panels."""
+    from calibrl.figures_train import fig_panel, to_frame
     from calibrl.history import History
 
     if not run_dirs:
         raise ValueError("run_dirs: expected at least one run directory, got none")
+    if budget is not None and budget not in ("smoke", "small", "full"):
+        raise ValueError(f"budget: expected smoke, small, full or None, got {budget!r}")
     histories = [History.load(d) for d in run_dirs]
     empty = [str(h.run_dir) for h in histories if not h.rows]
     if empty:
         raise ValueError(f"run_dirs: these runs have no history rows: {empty}")
     groups = _by_mode(histories)
+    df = to_frame(histories)
+    df["mode"] = [str(m) for m in df["mode"]] if "mode" in df.columns else "?"
     parts = []
-    for i, (ttl, ytitle, metrics) in enumerate(PANELS):
-        fig = _figure(ttl, ytitle, metrics, groups)
-        if not fig.data:
+    for ttl, ytitle, metrics, has_chance in PANELS:
+        present = [m for m in metrics if m[0] in df.columns and df[m[0]].notna().any()]
+        if not present:
             continue
+        fig = fig_panel(df, present, title=ttl, ytitle=ytitle, chance=chance if has_chance else None)
         parts.append(fig.to_html(full_html=False, include_plotlyjs=not parts, default_width="100%"))
-    cfg = histories[0].config
-    meta = (f"model {html.escape(str(cfg.get('model')))}, task {html.escape(str(cfg.get('task') or _default_task()))}, "
-            f"{cfg.get('steps')} steps, P={cfg.get('prompts_per_step')} prompts x G={cfg.get('group_size')}, "
-            f"{cfg.get('max_new_tokens')} new tokens, {cfg.get('ppo_epochs', 1) * cfg.get('minibatches', 1)} "
-            f"optimizer steps per RL step in every mode")
-    runs = "".join(f"<li>{html.escape(str(h.run_dir))}: {len(h.rows)} steps</li>" for h in histories)
+    runs = "".join(f"<li>{_e(h.run_dir)}: {len(h.rows)} steps</li>" for h in histories)
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}.note{color:#555;font-size:90%}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><p>{meta}</p>"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}.note{color:#555;font-size:90%}"
+             ".warn{background:#fff4e5;border-left:4px solid #f0a030;padding:6px 10px}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{_e(title)}</h1>{_header(histories, groups, budget)}"
             f"{_summary_table(groups)}{''.join(parts)}<h3>Runs</h3><ul>{runs}</ul></body></html>")
 
 
-def write_report(run_dirs: Sequence[str | Path], out: str | Path, *, title: str = "calibrl comparison") -> Path:
+def write_report(run_dirs: Sequence[str | Path], out: str | Path, *, title: str = "calibrl comparison",
+                 budget: str | None = None, chance: float | None = None) -> Path:
     """Write `build_report(run_dirs)` to `out` and return its path."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(build_report(run_dirs, title=title), encoding="utf-8")
+    out.write_text(build_report(run_dirs, title=title, budget=budget, chance=chance), encoding="utf-8")
     return out
 
 
@@ -180,11 +180,21 @@ def _default_task() -> str:
     return f"{DEFAULT_TASK} (default)"
 
 
+def _smoke_steps() -> int:
+    from calibrl.config import TrainConfig
+
+    return TrainConfig.from_budget("smoke").steps
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`report RUN_DIR... [--out FILE] [--title T]`."""
+    """`report RUN_DIR... [--out FILE] [--title T] [--budget B] [--chance P]`."""
     parser.add_argument("run_dirs", nargs="+", help="run directories (each with history.jsonl)")
     parser.add_argument("--out", default=None, help="output HTML file (default: report.html beside the first run)")
     parser.add_argument("--title", default="calibrl comparison", help="page title")
+    parser.add_argument("--budget", default=None, choices=("smoke", "small", "full"),
+                        help="budget the runs used (default: inferred; smoke-sized runs get a 'pipeline check' note)")
+    parser.add_argument("--chance", type=float, default=None,
+                        help="accuracy of guessing, drawn as a dotted line on the accuracy panels (e.g. 0.25)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -194,5 +204,5 @@ def run(args: argparse.Namespace) -> int:
         if not (d / "history.jsonl").exists():
             raise ValueError(f"run_dirs: {d} has no history.jsonl")
     out = Path(args.out) if args.out else dirs[0].parent / "report.html"
-    print(write_report(dirs, out, title=args.title))
+    print(write_report(dirs, out, title=args.title, budget=args.budget, chance=args.chance))
     return 0

@@ -66,4 +66,26 @@ def fmt_ci(ci: Mapping, digits: int = 3) -> str:
     return f"{ci['mean']:.{digits}f} ± {ci['half']:.{digits}f}"
 
 
-__all__ = ["t975", "mean_ci", "paired_diff", "fmt_ci"]
+# --------------------------------------------------------------------------------- metric ranges (figure bands)
+_UNIT = (0.0, 1.0)
+_NONNEG = (0.0, math.inf)
+_FREE = (-math.inf, math.inf)
+
+
+def metric_range(metric: str) -> tuple[float, float]:
+    """The range a History metric can take: [0, 1] for fractions, rates and accuracies, [0, inf) for entropies,
+    KL (k3 >= 0), lengths, norms, times, |A| and the reward (accuracy + format bonus); (-inf, inf) otherwise
+    (losses, gaps, covariances). Figures clip a metric's confidence band to this range."""
+    if not isinstance(metric, str):
+        raise ValueError(f"metric: expected a column name, got {type(metric).__name__}")
+    m = metric.lower()
+    if (m.endswith(("_frac", "_rate", "_acc")) or m.startswith(("acc", "gate_", "eval_greedy_acc", "eval_pass_at"))
+            or m in ("clipfrac", "pass_rate")):
+        return _UNIT
+    if m.startswith(("entropy", "kl_", "response_len", "expert_len", "grad_norm", "abs_adv", "time_")) or \
+            m in ("time_s", "logp_gap_max", "reward_mean"):
+        return _NONNEG
+    return _FREE
+
+
+__all__ = ["t975", "mean_ci", "paired_diff", "fmt_ci", "metric_range"]

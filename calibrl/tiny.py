@@ -2,7 +2,8 @@
 
 `build_tiny_random(seed)` returns a randomly initialised `Qwen2_5_VLForConditionalGeneration` (about 3M parameters)
 and an `ImageOnlyQwen2_5_VLProcessor`. Same seed -> identical weights and vocabulary. The shipped, warm-started
-model in `assets/tiny-qwen2.5-vl/` has exactly this architecture (see `calibrl.warmstart`).
+model ships inside the package (`calibrl/assets/tiny-qwen2.5-vl/`, package data, so a wheel install has it; found
+by `tiny_path()`) and has exactly this architecture (see `calibrl.warmstart`).
 
 Pitfalls handled here (reference/environment.md): no torchvision, so the stock Qwen processor cannot be built and an
 image-only subclass is registered with `AutoProcessor`; `mrope_section` must sum to head_dim / 2; the image
@@ -10,10 +11,28 @@ processor's `longest_edge` is capped at 112*112 pixels (16 image tokens) so a la
 """
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
+
+TINY_ENV = "CALIBRL_TINY_PATH"
+TINY_DIRNAME = "tiny-qwen2.5-vl"
+
+
+def tiny_path() -> Path:
+    """Directory of the shipped tiny model: $CALIBRL_TINY_PATH when set, else the package data directory
+    `calibrl/assets/tiny-qwen2.5-vl` found with importlib.resources (works from a clone, an editable install and a
+    wheel alike)."""
+    env = os.environ.get(TINY_ENV)
+    if env:
+        return Path(env).expanduser()
+    from importlib.resources import files
+
+    return Path(str(files("calibrl").joinpath("assets", TINY_DIRNAME)))
+
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]

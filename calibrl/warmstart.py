@@ -34,19 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full", help="smoke: a few steps (CI); full: the shipped model")
     parser.add_argument("--steps", type=int, default=None, help="maximum SFT steps (default: from --budget)")
     parser.add_argument("--seed", type=int, default=0, help="weights / data-order seed (default 0)")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (required for smoke; full: assets/tiny-qwen2.5-vl)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output directory (required; in a clone, calibrl/assets/tiny-qwen2.5-vl replaces the "
+                             "shipped model; elsewhere point CALIBRL_TINY_PATH at it)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate of the SFT warm start (default 5e-4)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--no-select", action="store_true", help="train all --steps, no early checkpoint selection")
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
-    if args.out is None:
-        if args.budget != "full":
-            raise ValueError("--out: required with --budget smoke (the default location is only for the full build)")
-        from calibrl.models import tiny_path
-        return tiny_path()
+    if args.out is None:  # never write into an installed package by default
+        raise ValueError("--out: expected an output directory (the shipped model is calibrl/assets/tiny-qwen2.5-vl)")
     return Path(args.out)
 
 
@@ -138,7 +137,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     losses, evals, chosen, best = [], [], None, None
     t_train = time.perf_counter()
     model.train()
-    for step in range(1, steps + 1):
+    from tqdm.auto import tqdm
+
+    for step in tqdm(range(1, steps + 1), desc="build-tiny SFT", unit="step", disable=not getattr(args, "progress", True)):
         if len(order) < b["batch"]:
             order += rng.sample(range(len(pool)), len(pool))
         idx, order = order[:b["batch"]], order[b["batch"]:]
@@ -264,13 +265,9 @@ the same arguments as the command above; re-running the command reproduces them 
 
 def run(args: argparse.Namespace) -> int:
     """Run build-tiny; prints the chosen step and scores; returns 0, or 2 on bad input."""
-    try:
-        out = _out_dir(args)
-        _check_out(out, args.overwrite)
-        rec = build(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = _out_dir(args)  # a ValueError is reported by calibrl.cli in the one error style
+    _check_out(out, args.overwrite)
+    rec = build(args)
     f = rec["final"]
     print(f"wrote {out}: step {rec['chosen_step']}, train {rec['train_s']} s, loss {rec['loss_first']:.3f} -> "
           f"{rec['loss_last']:.3f}, T=1 accuracy {f['accuracy']:.3f} format {f['format_rate']:.3f}, "

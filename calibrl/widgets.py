@@ -6,6 +6,7 @@ and exposes its callbacks (`set_slope`, `update`, ...), so it can be driven with
 """
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -15,6 +16,9 @@ import plotly.graph_objects as go
 
 from calibrl import figures as F
 from calibrl import history
+
+_LABELS = dict(style=dict(description_width="initial"))
+"""Control descriptions at their natural width (the default 90 px cuts off "group size G")."""
 
 DASHBOARD_METRICS = ("reward_mean", "acc_mean", "entropy_mean", "entropy_passed", "entropy_failed", "entropy_expert",
                      "uniform_frac", "abs_adv_mean", "gate_weight_mean", "expert_gap_q50", "cov_logp_adv",
@@ -87,11 +91,11 @@ class SlopeExplorer(_Widget):
         self.batch = dict(logp=_np(logp), expert_logp=_np(expert_logp), passed=_np(passed).astype(bool),
                           adv=_np(adv).astype(float), mask=None if mask is None else _np(mask).astype(bool))
         F.grad_weights(**self._args(slope, guide_coef, weight))  # validates the batch once
-        self.slider = W.FloatSlider(value=slope, min=0.0, max=1.0, step=0.05, description="slope α",
+        self.slider = W.FloatSlider(value=slope, min=0.0, max=1.0, step=0.05, description="slope α", **_LABELS,
                                     continuous_update=True, readout_format=".2f")
-        self.adv_slider = W.FloatSlider(value=abs_adv, min=0.0, max=1.0, step=0.05, description="|A| (gate)")
-        self.coef_slider = W.FloatSlider(value=guide_coef, min=0.0, max=1.0, step=0.05, description="λ guide")
-        self.weight_toggle = W.ToggleButtons(options=["abs-adv", "none"], value=weight, description="weight")
+        self.adv_slider = W.FloatSlider(value=abs_adv, min=0.0, max=1.0, step=0.05, description="|A| (gate)", **_LABELS)
+        self.coef_slider = W.FloatSlider(value=guide_coef, min=0.0, max=1.0, step=0.05, description="λ guide", **_LABELS)
+        self.weight_toggle = W.ToggleButtons(options=["abs-adv", "none"], value=weight, description="weight", **_LABELS)
         self.fig_gate = go.FigureWidget(F.fig_gate(slope, abs_adv=abs_adv))
         self.fig_weights = go.FigureWidget(F.fig_token_weights(**self._args(slope)))
         self.fig_grad = go.FigureWidget(F.fig_grad_weights(**self._args(slope, guide_coef, weight)))
@@ -150,9 +154,9 @@ class RarityExplorer(_Widget):
             raise ValueError(f"passes: expected an integer in [0, group_size={group_size}], got {passes!r}")
         if scale not in ("none", "group"):
             raise ValueError(f"scale: expected 'none' or 'group', got {scale!r}")
-        self.g_slider = W.IntSlider(value=group_size, min=2, max=32, description="group size G")
-        self.k_slider = W.IntSlider(value=passes, min=0, max=group_size, description="passes k")
-        self.scale_toggle = W.ToggleButtons(options=["none", "group"], value=scale, description="scale")
+        self.g_slider = W.IntSlider(value=group_size, min=2, max=32, description="group size G", **_LABELS)
+        self.k_slider = W.IntSlider(value=passes, min=0, max=group_size, description="passes k", **_LABELS)
+        self.scale_toggle = W.ToggleButtons(options=["none", "group"], value=scale, description="scale", **_LABELS)
         self.advantages, self.passed = self.compute(group_size, passes, scale)
         self.fig = go.FigureWidget(self._figure())
         self.g_slider.observe(self._on_group_size, names="value")
@@ -216,8 +220,8 @@ class TrainingDashboard(_Widget):
         self.samples: list[dict] = list(samples or [])
         self.run_dir: Path | None = None
         options = list(dict.fromkeys([metric, *metrics]))
-        self.metric_dropdown = W.Dropdown(options=options, value=metric, description="metric")
-        self.step_slider = W.IntSlider(value=0, min=0, max=0, description="sample step")
+        self.metric_dropdown = W.Dropdown(options=options, value=metric, description="metric", **_LABELS)
+        self.step_slider = W.IntSlider(value=0, min=0, max=0, description="sample step", **_LABELS)
         self.status = W.HTML()
         self.fig = go.FigureWidget(_placeholder("waiting for the first step"))
         self.fig_entropy = go.FigureWidget(_placeholder("no sampled responses yet"))
@@ -278,8 +282,8 @@ class TrainingDashboard(_Widget):
         except ValueError:
             pass  # no CalibRL gate values yet: keep the placeholder
         last = self.rows[-1] if self.rows else {}
-        self.status.value = (f"<b>{len(self.rows)}</b> rows; last: step {last.get('step')} {last.get('mode', '')}"
-                             if self.rows else "no rows yet")
+        self.status.value = (f"<b>{len(self.rows)}</b> rows; last: step {html.escape(str(last.get('step')))} "
+                             f"{html.escape(str(last.get('mode', '')))}" if self.rows else "no rows yet")
 
     def refresh_curves(self) -> None:
         metric = self.metric_dropdown.value
@@ -320,7 +324,7 @@ class CalibrationView(_Widget):
         if not runs:
             raise ValueError("runs: expected at least one label -> eval rows entry")
         self.runs = {str(k): list(v) for k, v in runs.items()}
-        self.select = W.SelectMultiple(options=list(self.runs), value=tuple(self.runs), description="runs",
+        self.select = W.SelectMultiple(options=list(self.runs), value=tuple(self.runs), description="runs", **_LABELS,
                                        rows=min(6, len(self.runs)))
         self.fig = go.FigureWidget(F.fig_calibration(self.runs))
         self.select.observe(self.update, names="value")

@@ -13,7 +13,7 @@ from calibrl.history import History
 from calibrl.report import build_report, mean_ci
 
 
-ASSET = Path(__file__).resolve().parents[1] / "assets" / "tiny-qwen2.5-vl"
+ASSET = Path(__file__).resolve().parents[1] / "calibrl" / "assets" / "tiny-qwen2.5-vl"
 
 
 @pytest.fixture(scope="module")

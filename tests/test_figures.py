@@ -117,6 +117,7 @@ def test_fig_curves_mean_and_ci():
     assert fig.layout.xaxis.title.text == "RL step" and fig.layout.yaxis.title.text == "reward_mean"
     one_seed = [r for r in _rows() if r["seed"] == 0]
     assert len(F.fig_curves(one_seed, "reward_mean").data) == 2  # no band with a single seed
+    assert "n=3 seeds" in line.name and "n=1 seed)" in F.fig_curves(one_seed, "reward_mean").data[0].name
     ev = F.fig_curves(_rows(), "eval_greedy_acc")
     assert list(ev.data[1].x) == [3]  # null steps dropped
     with pytest.raises(ValueError, match="metric"):
@@ -136,10 +137,11 @@ def test_fig_curves_same_method_distinct_dashes():
 def test_fig_gate_branches():
     rows = _rows() + [dict(step=1, mode="grpo", seed=0, reward_mean=0.1)]
     fig = F.fig_gate_branches(rows)
-    assert len(fig.data) == 4
-    np.testing.assert_allclose(fig.data[0].y, [0.2] * 3)
-    np.testing.assert_allclose(np.add(fig.data[2].y, fig.data[3].y), [1.0] * 3)
-    assert fig.data[0].stackgroup == fig.data[1].stackgroup != fig.data[2].stackgroup
+    lines = [d for d in fig.data if d.fill != "toself"]  # bands are 0-width 'toself' traces (constant here)
+    assert len(lines) == 4 and not any(d.stackgroup for d in fig.data)  # lines, never stacked (a stack draws None as 0)
+    np.testing.assert_allclose(lines[0].y, [0.2] * 3)
+    np.testing.assert_allclose(np.add(lines[2].y, lines[3].y), [1.0] * 3)
+    assert lines[0].xaxis == "x" and lines[2].xaxis == "x2"
     with pytest.raises(ValueError, match="gate"):
         F.fig_gate_branches([dict(step=1, mode="grpo", reward_mean=0.1)])
     nulls = [dict(r, gate_passed_below=None, gate_passed_above=None, gate_failed_above=None, gate_failed_below=None)
@@ -201,3 +203,99 @@ def test_fig_calibration():
 def test_bad_inputs(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------------------- figure hygiene
+def _gap_rows():
+    """3 seeds x 4 steps of calibrl; at step 2 every group was uniform: the gate columns are null in every seed."""
+    rows = []
+    for seed, acc in zip((0, 1, 2), (0.9, 1.0, 1.0)):
+        for step in (1, 2, 3, 4):
+            gate = None if step == 2 else 0.3
+            rows.append(dict(step=step, mode="calibrl", seed=seed, acc_mean=acc, entropy_mean=[0.0, 0.02, 0.0][seed],
+                             gate_passed_below=gate, gate_passed_above=None if gate is None else 1 - gate,
+                             gate_failed_above=gate, gate_failed_below=None if gate is None else 1 - gate,
+                             eval_greedy_acc=0.5 if step in (1, 3) else None))
+    return rows
+
+
+def test_null_steps_are_gaps_never_zero():
+    fig = F.fig_curves(_gap_rows(), "gate_passed_below")
+    band, line = fig.data
+    assert list(line.x) == [1, 2, 3, 4] and line.y[1] is None and not line.connectgaps
+    assert list(band.x).count(None) == 1  # two closed band pieces (steps 1 and 3-4), none across the gap
+    gate = F.fig_gate_branches(_gap_rows())
+    for trace in gate.data:
+        if trace.fill != "toself":
+            assert trace.y[1] is None and trace.stackgroup is None
+    # a sparse (eval-only) metric is not a gap where it was not measured: its points are joined
+    ev = F.fig_curves(_gap_rows(), "eval_greedy_acc")
+    assert list(ev.data[-1].x) == [1, 3]
+
+
+def test_bands_clamped_to_the_metric_range():
+    fig = F.fig_curves(_gap_rows(), "acc_mean")
+    band = fig.data[0]
+    m, half = 29 / 30, 4.303 * np.std([0.9, 1.0, 1.0], ddof=1) / np.sqrt(3)
+    assert m + half > 1  # the unclamped interval leaves [0, 1]
+    ys = [y for y in band.y if y is not None]
+    assert max(ys) == pytest.approx(1.0) and min(ys) == pytest.approx(m - half)
+    ent = F.fig_curves(_gap_rows(), "entropy_mean").data[0]
+    assert min(y for y in ent.y if y is not None) == 0.0  # entropy >= 0 (unclamped: 0.00667 - 0.0287 < 0)
+    stats = F.mean_ci_by_step(F.to_frame(_gap_rows()), "acc_mean")
+    assert (stats["hi"] <= 1).all() and (stats["n"] == 3).all()
+    unclamped = F.mean_ci_by_step(F.to_frame(_gap_rows()), "acc_mean", clamp=False)
+    assert unclamped["hi"].iloc[0] == pytest.approx(m + half)
+
+
+def test_n_per_step_in_hover_and_legend():
+    rows = [r for r in _rows() if not (r["mode"] == "grpo" and r["seed"] == 2 and r["step"] == 3)]
+    line = F.fig_curves(rows, "reward_mean").data[1]
+    assert list(line.customdata) == [3, 3, 2] and "n=3 seeds" in line.name
+
+
+def test_chance_line_and_integer_step_ticks():
+    fig = F.fig_curves(_gap_rows(), "acc_mean", chance=0.25)
+    hlines = [s for s in fig.layout.shapes if s.y0 == s.y1 == 0.25]
+    assert len(hlines) == 1 and any("chance" in a.text for a in fig.layout.annotations)
+    with pytest.raises(ValueError, match="chance"):
+        F.fig_curves(_gap_rows(), "acc_mean", chance=1.5)
+    assert fig.layout.xaxis.tickformat == "d" and fig.layout.xaxis.dtick == 1
+    assert F.int_step_axis(list(range(1, 61)))["dtick"] == 10 and F.int_step_axis([1, 2, 3])["dtick"] == 1
+    assert F.int_step_axis(list(range(0, 201)))["dtick"] == 50
+
+
+def test_teaching_figures_keep_legends_and_colorbars_clear():
+    logp, expert, passed, mask = _batch()
+    adv = np.array([0.5, -0.5, 0.25, -0.25])
+    figs = [F.fig_gate(0.5), F.fig_token_weights(logp, expert, passed, 0.5, mask=mask),
+            F.fig_grad_weights(logp, expert, passed, adv, 0.5, mask=mask),
+            F.fig_rarity(adv, [1, 0, 1, 0]), F.fig_curves(_rows(), "reward_mean")]
+    for fig in figs:  # legend under the plot area, not over lines or the colorbar on the right
+        assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0
+    grad = figs[2]
+    heat = [d for d in grad.data if d.type == "heatmap"][0]
+    # the heatmap sits in the right-hand subplot, so its colorbar (default x > 1) covers no axis label
+    assert heat.xaxis == "x2" and heat.colorbar.x is None
+
+
+def test_one_palette_one_ci_helper_no_circle():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from calibrl import palette, report, stats
+
+    assert F.METHOD_COLORS is palette.METHOD_COLORS and report.mean_ci([1.0, 2.0, 3.0])[1] == pytest.approx(
+        stats.mean_ci([1.0, 2.0, 3.0])["half"])
+    src = Path(F.__file__).parent
+    for path in src.glob("*.py"):
+        text = path.read_text()
+        if path.name != "palette.py":
+            assert "#636EFA" not in text.upper(), f"{path.name} defines its own palette"
+        if path.name != "stats.py":
+            assert "4.303" not in text and "12.706" not in text, f"{path.name} has its own t table"
+    assert "calibrl.figures " not in (src / "figures_train.py").read_text().replace("calibrl.figures_train", "")
+    code = "import sys, calibrl.figures_train; print('calibrl.figures' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr

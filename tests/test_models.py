@@ -101,7 +101,7 @@ def test_load_by_path(tiny_dir, tiny):
 def test_load_tiny_asset_fast():
     from calibrl.models import tiny_path
 
-    assert (tiny_path() / "config.json").is_file(), "the shipped assets/tiny-qwen2.5-vl is missing"
+    assert (tiny_path() / "config.json").is_file(), "the shipped calibrl/assets/tiny-qwen2.5-vl is missing"
     load_policy("tiny")  # first call pays lazy imports
     t0 = time.perf_counter()
     pol = load_policy("tiny")

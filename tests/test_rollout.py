@@ -12,7 +12,7 @@ from calibrl.config import TrainConfig
 from calibrl.rollout import (collect_rollout, encode_prompts, response_mask, sample_groups, select_rows,
                              sequence_logprobs, token_logprobs, tokenize_experts)
 
-ASSET = Path(__file__).resolve().parents[1] / "assets" / "tiny-qwen2.5-vl"
+ASSET = Path(__file__).resolve().parents[1] / "calibrl" / "assets" / "tiny-qwen2.5-vl"
 
 
 def tiny_policy(lora: bool = False, seed: int = 0):

@@ -87,13 +87,13 @@ def test_dashboard_update_appends_points():
         assert list(d.fig.data[0].x) == list(range(1, s + 1))
     np.testing.assert_allclose(d.fig.data[0].y, [0.1, 0.2, 0.3])
     assert d.fig.data[0].line.color == F.METHOD_COLORS["calibrl"]
-    assert len(d.fig_gate.data) == 4 and "step 3" in d.fig_entropy.layout.title.text
+    assert len([t for t in d.fig_gate.data if t.fill != "toself"]) == 4 and "step 3" in d.fig_entropy.layout.title.text
     d.set_step(1)
     assert "step 1" in d.fig_entropy.layout.title.text
     d.set_metric("entropy_mean")
     np.testing.assert_allclose(d.fig.data[0].y, [1.0, 0.5, 1 / 3])
     d.update(_row(1, mode="grpo"))
-    assert [t.name for t in d.fig.data] == ["calibrl", "grpo"]
+    assert [t.name.split(" (")[0] for t in d.fig.data] == ["calibrl", "grpo"]
     with pytest.raises(ValueError, match="row"):
         d.update({"mode": "grpo"})
 
@@ -127,3 +127,17 @@ def test_calibration_view_select(tmp_path):
     np.testing.assert_allclose(v.fig.data[2].y, [1, 1])
     with pytest.raises(ValueError, match="labels"):
         v.set_runs(["nope"])
+
+
+def test_dashboard_status_and_names_escape_run_values():
+    d = Wd.TrainingDashboard()
+    evil = "<script>alert(1)</script>"
+    d.update(_row(1, mode=evil))
+    assert "<script>" not in d.status.value and "&lt;script&gt;" in d.status.value
+    assert all("<script>" not in (t.name or "") for t in d.fig.data)
+
+
+def test_control_labels_not_cut_off():
+    r, s = Wd.RarityExplorer(), Wd.SlopeExplorer()
+    for control in (r.g_slider, r.k_slider, s.slider, s.adv_slider, s.coef_slider):
+        assert control.style.description_width == "initial", control.description
