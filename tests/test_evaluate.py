@@ -129,9 +129,11 @@ def test_eval_command_writes_jsonl(tiny_dir, tmp_path, capsys):
 
 
 def test_eval_command_bad_inputs(tiny_dir, capsys):
-    assert ev.run(_args("--model", "no-such-model", "--n", "1")) == 2
+    from calibrl.cli import main
+
+    assert main(["eval", "--model", "no-such-model", "--n", "1"]) == 2
     assert '"tiny"' in capsys.readouterr().err
-    assert ev.run(_args("--model", str(tiny_dir), "--task", "no-such-task", "--n", "1")) == 2
+    assert main(["eval", "--model", str(tiny_dir), "--task", "no-such-task", "--n", "1"]) == 2
     assert "unknown task" in capsys.readouterr().err
-    assert ev.run(_args("--model", str(tiny_dir), "--n", "0")) == 2
+    assert main(["eval", "--model", str(tiny_dir), "--n", "0"]) == 2
     assert "--n" in capsys.readouterr().err

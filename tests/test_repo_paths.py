@@ -13,15 +13,19 @@ PATH_RE = re.compile(r"(?<![\w./-])((?:%s)/[\w./-]*)" % "|".join(re.escape(p) fo
 
 
 def cited_paths(text: str) -> set[str]:
-    """Repository paths in `text` (globs and placeholders like <name> skipped)."""
+    """Repository paths in `text`: a file (its last part has an extension) or a directory written with a trailing
+    slash. Globs, placeholders like <name> and slash-joined names such as TRL's `calibrl/gate_weight_mean` metrics
+    are skipped."""
     out = set()
     for m in PATH_RE.finditer(text):
-        p = m.group(1).rstrip("/.")
+        raw = m.group(1).rstrip(".")
+        p = raw.rstrip("/")
         end = m.end(1)
         nxt = text[end:end + 1]
         if "*" in p or "<" in p or (nxt and nxt in "*<{"):
             continue
-        out.add(p)
+        if raw.endswith("/") or "." in p.rsplit("/", 1)[-1]:
+            out.add(p)
     return out
 
 
@@ -43,8 +47,8 @@ def tracked() -> set[str] | None:
 
 def test_the_path_pattern_finds_paths():
     found = cited_paths("see `assets/study/summary.md`, (notebooks/06_x.ipynb) and runs/x; glob assets/*.json, "
-                        "calibrl/ and tests/test_a.py.")
-    assert found == {"assets/study/summary.md", "notebooks/06_x.ipynb", "calibrl", "tests/test_a.py"}
+                        "calibrl/ and tests/test_a.py. `assets/study/` holds it; TRL logs calibrl/gate_weight_mean.")
+    assert found == {"assets/study/summary.md", "notebooks/06_x.ipynb", "calibrl", "tests/test_a.py", "assets/study"}
 
 
 @pytest.mark.parametrize("source", sorted(sources()))
