@@ -43,12 +43,15 @@ def test_sft_batch_labels_only_the_completion():
 
 
 def test_out_is_required_for_smoke_and_existing_out_is_protected(tmp_path, capsys):
-    assert ws.run(_args("--budget", "smoke")) == 2
+    with pytest.raises(SystemExit):  # --out is required: build-tiny never writes into the installed package
+        _args("--budget", "smoke")
     assert "--out" in capsys.readouterr().err
     (tmp_path / "x.txt").write_text("keep me")
-    assert ws.run(_args("--budget", "smoke", "--out", str(tmp_path))) == 2
-    assert ws.run(_args("--budget", "smoke", "--out", str(tmp_path), "--overwrite", "--steps", "1")) == 2
-    assert "no config.json" in capsys.readouterr().err and (tmp_path / "x.txt").exists()
+    with pytest.raises(ValueError, match="not empty"):
+        ws.run(_args("--budget", "smoke", "--out", str(tmp_path)))
+    with pytest.raises(ValueError, match="no config.json"):
+        ws.run(_args("--budget", "smoke", "--out", str(tmp_path), "--overwrite", "--steps", "1"))
+    assert (tmp_path / "x.txt").exists()
 
 
 def test_smoke_build(tmp_path, capsys):
@@ -69,7 +72,8 @@ def test_smoke_build(tmp_path, capsys):
     assert "How it was made" in card and "python -m calibrl eval --model tiny" in card
     pol = load_policy(str(out))
     assert hasattr(pol.processor, "image_processor") and len(pol.tokenizer) == rec["vocab"]
-    assert ws.run(_args("--budget", "smoke", "--out", str(out))) == 2  # refuses to overwrite silently
+    with pytest.raises(ValueError, match="not empty"):  # refuses to overwrite silently
+        ws.run(_args("--budget", "smoke", "--out", str(out)))
 
 
 def test_mixture_counts():
