@@ -36,7 +36,7 @@ def test_aggregate_leaves_empty_rows_out_of_row_means():
 
 
 def _rows(log_ratios, advs):
-    old = torch.full((len(advs), 1), -1.0)
+    old = torch.full((len(advs), 1), -2.0)                      # log-probs stay <= 0 for ratios up to e^2
     logp = (old + torch.tensor(log_ratios)[:, None]).requires_grad_()
     return logp, old, torch.tensor(advs), torch.ones(len(advs), 1, dtype=torch.bool)
 
@@ -82,7 +82,7 @@ def test_policy_loss_adv_per_token_and_bf16():
     a2 = adv[:, None].expand(2, 1).clone()
     assert float(policy_loss(logp, old, a2, mask)[0].detach()) == float(policy_loss(logp, old, adv, mask)[0].detach())
     lb = logp.detach().bfloat16().requires_grad_()
-    loss, _ = policy_loss(lb, old.bfloat16(), adv, mask)
+    loss, _ = policy_loss(lb, old.bfloat16(), adv.bfloat16(), mask)
     loss.backward()
     assert loss.dtype == torch.float32 and lb.grad.dtype == torch.bfloat16
 
@@ -129,7 +129,7 @@ def test_calibrl_token_gap_hand_values():
 
 def test_gate_ties_counted_apart_and_left_out_of_the_shares():
     # passed row gaps (logp - e) [0, -1, 0.5, 0]; failed row gaps [0, -2, 1, 3]: 3 ties of 8 tokens
-    e = torch.full((2, 4), -1.0)
+    e = torch.full((2, 4), -4.0)
     logp = (e + torch.tensor([[0.0, -1.0, 0.5, 0.0], [0.0, -2.0, 1.0, 3.0]])).requires_grad_(True)
     mask, passed, adv = torch.ones(2, 4), torch.tensor([1, 0]), torch.tensor([1.0, -1.0])
     loss, info = calibrl_loss(logp, logp.detach(), e, adv, mask, passed, slope=0.5, guide_coef=0.1)
