@@ -70,7 +70,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: s
         V.mask_like(on_policy, "on_policy", rewards, "rewards")
         sel = V.mask_values(on_policy, "on_policy")
     out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    r = rewards.to(torch.float64)
+    r = rewards.detach().to(torch.float64)
     _, inv = torch.unique(group_ids, return_inverse=True)
     n_groups = int(inv.max()) + 1
     _, mean, std = _group_moments(r, inv, n_groups, sel)
@@ -85,13 +85,15 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: s
 
 
 def pass_mask(rewards: torch.Tensor, *, threshold: float = 0.1) -> torch.Tensor:
-    """Passed rows: reward > threshold (official code: r = acc + 0.1 fmt, pass iff r > 0.1). Returns bool [N]."""
+    """Passed rows: reward > threshold (official code: r = acc + 0.1 fmt, pass iff r > 0.1), compared in the
+    rewards' own precision (a float32 or bf16 reward 0.1 equals the threshold 0.1 and does not pass). Returns
+    bool [N]."""
     V.tensor(rewards, "rewards", ndim=1)
     if rewards.dtype == torch.bool or rewards.is_complex():
         raise ValueError(f"rewards: expected a real (float or int) tensor, got dtype {rewards.dtype}")
     V.finite(rewards, "rewards")
     V.number(threshold, "threshold")
-    return rewards > threshold
+    return rewards.detach() > threshold
 
 
 def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor, passed: torch.Tensor, *, scale: str = "none",
@@ -109,7 +111,7 @@ def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor, passed: torch.Te
     p = V.binary(passed, "passed")
     _, inv = torch.unique(group_ids, return_inverse=True)
     n_groups = int(inv.max()) + 1
-    r = rewards.to(torch.float64)
+    r = rewards.detach().to(torch.float64)
     count = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(0, inv, torch.ones_like(r))
     n_pass = torch.zeros_like(count).index_add_(0, inv, p.to(torch.float64))
     pass_rate = (n_pass / count).to(torch.float32)

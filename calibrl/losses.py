@@ -128,8 +128,8 @@ def gate_fractions(gap: torch.Tensor, mask: torch.Tensor, passed: torch.Tensor, 
     V.floating(gap, "gap")
     V.tensor(mask, "mask", ndim=2)
     if mask.shape[0] != gap.shape[0] or gap.shape[1] not in (1, mask.shape[1]):
-        raise ValueError(f"gap: expected shape {tuple(mask.shape)} or ({mask.shape[0]}, 1) like mask, "
-                         f"got {tuple(gap.shape)}")
+        want = f"({gap.shape[0]}, T) for any T" if gap.shape[1] == 1 else str(tuple(gap.shape))
+        raise ValueError(f"mask: expected shape {want} like gap, got {tuple(mask.shape)}")
     V.mask_like(mask, "mask", gap, "gap", shape=mask.shape)
     p = _gate_passed(passed, gap, mask.shape)
     V.number(slope, "slope", lo=0.0, hi=1.0)

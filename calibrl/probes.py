@@ -123,7 +123,7 @@ def gate_activation(logp: torch.Tensor, expert_logp: torch.Tensor, mask: torch.T
     if rows is not None:
         m = m & V.binary(rows, "rows")[:, None]
     if adv is not None:
-        V.finite(adv, "adv", m.any(-1))
+        V.finite(adv, "adv")
     dt = K.compute_dtype(logp)                                            # as calibrl_loss
     e = K.expert_baseline(expert_logp, T, em).to(dt)
     gap = torch.where(m, logp.detach(), 0.0).to(dt) - e                   # [B,T] logp - e_t (as calibrl_loss)

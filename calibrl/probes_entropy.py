@@ -44,9 +44,13 @@ def token_entropy(logits: torch.Tensor, *, chunk_size: int = 1024, temperature: 
     V.number(temperature, "temperature", lo=0.0, lo_open=True)
     flat = logits.detach().reshape(-1, logits.shape[-1])
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    ct = torch.float64 if logits.dtype == torch.float64 else torch.float32
     for i in range(0, flat.shape[0], chunk_size):
-        z = flat[i:i + chunk_size]
-        out[i:i + chunk_size] = _entropy_rows(z / temperature if temperature != 1.0 else z)
+        chunk = flat[i:i + chunk_size]
+        z = chunk.to(ct)                                                  # upcast before the temperature
+        if temperature != 1.0:
+            z = z / temperature
+        out[i:i + chunk_size] = _entropy_rows(z, inplace=z.data_ptr() != chunk.data_ptr())   # never the caller's
     if not bool(torch.isfinite(out).all()):
         raise _non_finite("logits")
     return out.reshape(logits.shape[:-1])
@@ -61,10 +65,11 @@ def entropy_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, *, b
     memory is about 3 x chunk_size x V x 4 bytes.
 
     hidden [B,T,H] or [N,H]; lm_head_weight [V,H] (same device; its dtype may differ from hidden's); bias [V]
-    (lm_head_weight's dtype) or None; mask like hidden[..., 0] (only those positions are computed, others get 0);
+    (any float dtype; added in float32) or None; mask like hidden[..., 0] (only those positions are computed, others get 0);
     suppress_ids: vocabulary ids masked to -inf before the softmax (the vision special tokens). The logits are
     computed in the wider of the two dtypes (an fp32 head is never cast down; bf16 x bf16 stays bf16, as the
-    model's own head; fp16 is computed in float32, where its logits cannot overflow), the softmax in float32. Non-finite hidden states, weights or logits raise a ValueError.
+    model's own head; fp16 is computed in float32, where its logits cannot overflow), the softmax in float32.
+    Non-finite hidden states (at computed positions), weights, bias or logits raise a ValueError.
     Returns float32 entropy of shape hidden.shape[:-1].
     """
     V.tensor(hidden, "hidden", ndim=(2, 3))
@@ -76,7 +81,9 @@ def entropy_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, *, b
         raise ValueError(f"lm_head_weight: expected shape (V, {hidden.shape[-1]}) matching hidden's last dim, "
                          f"got {tuple(lm_head_weight.shape)}")
     if bias is not None:
-        V.float_like(bias, "bias", lm_head_weight, "lm_head_weight", shape=(lm_head_weight.shape[0],))
+        V.tensor(bias, "bias", shape=(lm_head_weight.shape[0],), like="lm_head_weight rows")
+        V.floating(bias, "bias")
+        V.same_device("bias", bias, hidden, "hidden")
     lead = hidden.shape[:-1]
     if mask is not None:
         V.mask_like(mask, "mask", hidden, "hidden[..., 0]", shape=lead)
@@ -95,6 +102,10 @@ def entropy_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, *, b
     m = None if mask is None else V.mask_values(mask, "mask", allow_empty=True)
     h = hidden.detach().reshape(-1, hidden.shape[-1])
     idx = torch.arange(h.shape[0], device=h.device) if m is None else m.reshape(-1).nonzero().squeeze(-1)
+    V.finite(h[idx], "hidden")                                            # +-inf would pass as -inf logits
+    V.finite(lm_head_weight, "lm_head_weight")
+    if bias is not None:
+        V.finite(bias, "bias")
     out = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
     mt = torch.promote_types(h.dtype, lm_head_weight.dtype)              # matmul dtype: never below either input
     mt = torch.float32 if mt == torch.float16 else mt                     # fp16 logits overflow at 65504
@@ -111,9 +122,6 @@ def entropy_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, *, b
             z[:, sup] = float("-inf")
         out[rows] = _entropy_rows(z, inplace=True).float()
         del z
-    if not bool(torch.isfinite(out).all()):                               # name the culprit, only when needed
-        for name, x in (("hidden", h[idx]), ("lm_head_weight", lm_head_weight), ("bias", bias)):
-            if x is not None and not bool(torch.isfinite(x).all()):
-                raise ValueError(f"{name}: expected finite values, found NaN or inf (the entropy would be NaN)")
+    if not bool(torch.isfinite(out).all()):
         raise ValueError(f"hidden: the logits hidden @ lm_head_weight.T overflow in {mt}; expected finite logits")
     return out.reshape(lead)
