@@ -23,7 +23,8 @@ def _entropy_rows(logits: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     z.sub_(torch.logsumexp(z, -1, keepdim=True))                          # [n,V] log p
     p = torch.exp(z)                                                     # [n,V] p
     p.mul_(z).masked_fill_(suppressed, 0.0)                              # [n,V] p log p
-    return -p.sum(-1)                                                    # [n]
+    h = -p.sum(-1)                                                       # [n]
+    return h.masked_fill_(suppressed.all(-1), float("nan"))              # no valid id: undefined, never 0
 
 
 def _non_finite(what: str) -> ValueError:
