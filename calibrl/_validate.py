@@ -57,28 +57,6 @@ def binary(x: torch.Tensor, name: str) -> torch.Tensor:
     return x != 0
 
 
-def mask(x: Any, name: str, shape: Sequence[int], like: str = "logp", *, allow_empty: bool = False,
-         device: torch.device | None = None) -> torch.Tensor:
-    """A [B,T] binary mask of `shape` (on `device`, if given) with at least one true entry; returns it as bool."""
-    tensor(x, name, shape=shape, like=like)
-    if device is not None and x.device != device:
-        raise ValueError(f"{name}: expected device {device} like {like}, got {x.device}")
-    m = binary(x, name)
-    if not allow_empty and not bool(m.any()):
-        raise ValueError(f"{name}: expected at least one unmasked (true) entry, got an all-masked tensor")
-    return m
-
-
-def float_tensor(x: Any, name: str, *, shape: Sequence[int] | None = None, ndim: int | Sequence[int] | None = None,
-                 like: str | None = None, where: torch.Tensor | None = None, check_finite: bool = True
-                 ) -> torch.Tensor:
-    """A floating tensor of the given shape/ndim, finite (where `where` is true, if given; not checked with
-    check_finite=False, for callers that check later under a mask)."""
-    tensor(x, name, ndim=ndim, shape=shape, like=like)
-    floating(x, name)
-    return finite(x, name, where) if check_finite else x
-
-
 def number(x: Any, name: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
            hi_open: bool = False) -> float:
     """A finite real number within [lo, hi] (open ends if asked)."""
@@ -147,11 +125,6 @@ def nonneg(x: torch.Tensor, name: str, where: torch.Tensor | None = None, what: 
     return x
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half precision (bf16/fp16), else the dtype itself."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def integer(x: torch.Tensor, name: str) -> torch.Tensor:
     """x must have an integer (not bool) dtype."""
     if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
@@ -164,15 +137,6 @@ def int_arg(n: Any, name: str, *, lo: int = 1) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < lo:
         raise ValueError(f"{name}: expected an int >= {lo}, got {n!r}")
     return n
-
-
-def finite_sum(x: torch.Tensor, name: str, masked: bool = False) -> torch.Tensor:
-    """Cheap finiteness check for a tensor already 0 outside its mask: one sum; the exact elementwise check runs
-    only when the sum is not finite (an overflowing sum of finite values passes)."""
-    if x.numel() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-        at = " at masked-in positions" if masked else ""
-        raise ValueError(f"{name}: expected finite values{at}, found NaN or inf")
-    return x
 
 
 def float_like(x: Any, name: str, ref: torch.Tensor, ref_name: str, *, shape: Sequence[int] | None = None,

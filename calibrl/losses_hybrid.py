@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from calibrl import _kernels as K
 from calibrl import _validate as V

@@ -138,8 +138,9 @@ def gate_activation(logp: torch.Tensor, expert_logp: torch.Tensor, mask: torch.T
 def expert_gap(logp: torch.Tensor, expert_logp: torch.Tensor, mask: torch.Tensor, expert_len: torch.Tensor) -> dict:
     """Quantiles of logp - e_t over on-policy tokens (expert_gap_q10/q50/q90; e_t = 0 at t >= the expert's length,
     the official baseline) and expert_past_end_frac, the share of on-policy token positions at or beyond the
-    expert's length. logp, mask [B,T]; expert_logp [B,Te] (logp's dtype and device); expert_len [B] int with
-    0 <= expert_len <= Te (the expert's tokens must be in its tensor). Gaps are computed in float64."""
+    expert's length. logp, mask [B,T]; expert_logp [B,Te] (logp's dtype and device); expert_len [B] int >= 0.
+    An expert longer than its tensor is fine as long as no on-policy position falls between the tensor's end and
+    the expert's (there e_t is unknown: a ValueError, where it used to read as past the end). Gaps in float64."""
     V.tensor(logp, "logp", ndim=2)
     V.floating(logp, "logp")
     B, T = logp.shape
@@ -151,10 +152,15 @@ def expert_gap(logp: torch.Tensor, expert_logp: torch.Tensor, mask: torch.Tensor
     V.integer(expert_len, "expert_len")
     V.same_device("expert_len", expert_len, logp, "logp")
     te = expert_logp.shape[1]
-    if bool(((expert_len < 0) | (expert_len > te)).any()):
-        raise ValueError(f"expert_len: expected lengths in [0, {te}] (expert_logp's width), "
-                         f"got {expert_len.tolist()}")
+    if bool((expert_len < 0).any()):
+        raise ValueError(f"expert_len: expected non-negative lengths, got {expert_len.tolist()}")
     m = V.mask_values(mask, "mask")
+    t_idx = torch.arange(T, device=logp.device)[None, :]
+    unknown = m & (t_idx >= te) & (t_idx < expert_len[:, None])           # inside the expert, outside its tensor
+    if bool(unknown.any()):
+        raise ValueError(f"expert_len: row {int(unknown.any(-1).nonzero()[0])} has an expert of "
+                         f"{int(expert_len[unknown.any(-1)][0])} tokens but expert_logp holds {te}; expected "
+                         f"e_t for every on-policy position inside the expert (lengths <= {te} or a wider tensor)")
     V.logprob_values(logp, "logp", m)
     valid = torch.arange(te, device=logp.device)[None, :] < expert_len[:, None]
     V.logprob_values(expert_logp, "expert_logp", valid)

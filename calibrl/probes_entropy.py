@@ -66,7 +66,8 @@ def entropy_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, *, b
     memory is about 3 x chunk_size x V x 4 bytes.
 
     hidden [B,T,H] or [N,H]; lm_head_weight [V,H] (same device; its dtype may differ from hidden's); bias [V]
-    (any float dtype; added in float32) or None; mask like hidden[..., 0] (only those positions are computed, others get 0);
+    (any float dtype; added in float32) or None; mask like hidden[..., 0] (only those positions are computed,
+    others get 0);
     suppress_ids: vocabulary ids masked to -inf before the softmax (the vision special tokens). The logits are
     computed in the wider of the two dtypes (an fp32 head is never cast down; bf16 x bf16 stays bf16, as the
     model's own head; fp16 is computed in float32, where its logits cannot overflow), the softmax in float32.

@@ -138,7 +138,8 @@ def specs():
                 Arg("adv", "float", None, (0,), const=True), Arg("mask", "mask", None, (0, 1), allow_empty=False)]
     clip_bad = {"clip_low": [-0.1, 1.0, float("nan"), True], "clip_high": [-0.5, float("inf")],
                 "clip_c": [1.0, 0.5], "agg": ["mean"], "norm_len": [0, -3, 2.5, True]}
-    e_args = [Arg("e_lp", "logp", _em, label="expert_logp_theta"), Arg("e_adv", "float", None, (0,), const=True, label="expert_adv"),
+    e_args = [Arg("e_lp", "logp", _em, label="expert_logp_theta"),
+              Arg("e_adv", "float", None, (0,), const=True, label="expert_adv"),
               Arg("e_mask", "mask", None, (0, 1), label="expert_mask")]
     out = [
         Spec("aggregate", L.aggregate, make_policy,
@@ -236,7 +237,8 @@ def specs():
              out="dict"),
         Spec("cov_logp_adv", P.cov_logp_adv, make_gate, lambda f, d: f(d["logp"], d["adv"], d["mask"], d["tok_weight"]),
              [Arg("logp", "logp", _m, ref=True), Arg("adv", "float", None, (0,)),
-              Arg("mask", "mask", None, (0, 1), allow_empty=False), Arg("tok_weight", "float", _m, (0, 1), label="weight")], out="float"),
+              Arg("mask", "mask", None, (0, 1), allow_empty=False),
+              Arg("tok_weight", "float", _m, (0, 1), label="weight")], out="float"),
         Spec("gradient_split", P.gradient_split, _split_make,
              lambda f, d: _split_call(lambda a, b, p: f(a, b, p, accumulate=d.get("acc", False)), d), [], out="dict"),
     ]
@@ -338,7 +340,8 @@ def split_cases(spec, seed):
     nan = float("nan")
     return [
         Case(spec, "valid", "as drawn", d0, "equal"),
-        Case(spec, "shape", "pg_loss not a scalar", new(pg=lambda w: torch.stack([w.sum(), w.sum()])), "error", "pg_loss"),
+        Case(spec, "shape", "pg_loss not a scalar", new(pg=lambda w: torch.stack([w.sum(), w.sum()])), "error",
+             "pg_loss"),
         Case(spec, "shape", "guide_loss not a scalar", new(guide=lambda w: torch.stack([w.sum(), w.sum()])),
              "error", "guide_loss"),
         Case(spec, "dtype", "params holds a list", new(params=[[1.0]]), "error", "params"),
@@ -413,14 +416,17 @@ def cases(spec: Spec, seed: int):
                     out.append(Case(spec, "range", f"{lab} {v} where used", new(**{a.name: _set(x, i_in, v)}),
                                     "error", lab))
             if i_out is not None:
-                out.append(Case(spec, "non-finite", f"{lab} NaN where unused", new(**{a.name: _set(x, i_out, float("nan"))}),
-                                "equal"))
+                out.append(Case(spec, "non-finite", f"{lab} NaN where unused",
+                                new(**{a.name: _set(x, i_out, float("nan"))}), "equal"))
                 if a.kind == "logp":
                     out.append(Case(spec, "range", f"{lab} +5 where unused", new(**{a.name: _set(x, i_out, 5.0)}),
                                     "equal"))
         if a.kind == "int" and x.numel():
             te = d0["expert_logp"].shape[1]
-            out.append(Case(spec, "range", f"{lab} > width", new(**{a.name: _set(x, 0, te + 1)}), "error", lab))
+            m0 = d0["mask"].bool()[0]
+            inside = bool(m0[te:te + 1].any())                                  # on-policy position te: e_t unknown
+            out.append(Case(spec, "range", f"{lab} > width", new(**{a.name: _set(x, 0, te + 1)}),
+                            "error" if inside else "equal", lab))
             out.append(Case(spec, "range", f"{lab} < 0", new(**{a.name: _set(x, 0, -1)}), "error", lab))
         # mixed dtype / device
         if not a.ref:

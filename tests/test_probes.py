@@ -217,10 +217,13 @@ def test_fp32_lm_head_is_never_cast_down():
 
 def test_expert_len_beyond_the_expert_tensor_is_rejected():
     logp, e = torch.full((1, 4), -1.0), torch.full((1, 2), -2.0)
-    with pytest.raises(ValueError, match=r"^expert_len: expected lengths in \[0, 2\]"):
+    with pytest.raises(ValueError, match=r"^expert_len: row 0 has an expert of 3 tokens but expert_logp holds 2"):
         probes.expert_gap(logp, e, torch.ones(1, 4), torch.tensor([3]))   # read 0.0 past-end before
     out = probes.expert_gap(logp, e, torch.ones(1, 4), torch.tensor([2]))
     assert out["expert_past_end_frac"] == 0.5
+    # a tensor cut to the on-policy width (notebook 03's case) is fine: every on-policy e_t is known
+    out = probes.expert_gap(logp[:, :2], e, torch.ones(1, 2), torch.tensor([7]))
+    assert out["expert_past_end_frac"] == 0.0 and out["expert_gap_q50"] == pytest.approx(1.0)
 
 
 def test_gradient_split_never_nan():
