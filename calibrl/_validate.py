@@ -87,8 +87,8 @@ def same_device(name: str, x: torch.Tensor, ref: torch.Tensor, ref_name: str) ->
 def same_dtype(name: str, x: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
     """x must have the dtype of ref (floating inputs of one call are never mixed silently)."""
     if x.dtype != ref.dtype:
-        raise ValueError(f"{name}: expected dtype {ref.dtype} like {ref_name}, got {x.dtype} "
-                         f"(cast it with .to({ref_name}.dtype))")
+        raise ValueError(f"{name}: expected dtype {ref.dtype} like {ref_name}, got {x.dtype} (give all floating "
+                         f"inputs one dtype, e.g. .float() on each; half precision is computed in float32 anyway)")
 
 
 def like(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str, *, dtype: bool = True) -> torch.Tensor:

@@ -140,7 +140,8 @@ def expert_gap(logp: torch.Tensor, expert_logp: torch.Tensor, mask: torch.Tensor
     the official baseline) and expert_past_end_frac, the share of on-policy token positions at or beyond the
     expert's length. logp, mask [B,T]; expert_logp [B,Te] (logp's dtype and device); expert_len [B] int >= 0.
     An expert longer than its tensor is fine as long as no on-policy position falls between the tensor's end and
-    the expert's (there e_t is unknown: a ValueError, where it used to read as past the end). Gaps in float64."""
+    the expert's (there e_t is unknown: a ValueError, where it used to read as past the end). Gaps in float32
+    (float64 for float64 inputs), quantiles in float64."""
     V.tensor(logp, "logp", ndim=2)
     V.floating(logp, "logp")
     B, T = logp.shape
@@ -165,7 +166,8 @@ def expert_gap(logp: torch.Tensor, expert_logp: torch.Tensor, mask: torch.Tensor
     valid = torch.arange(te, device=logp.device)[None, :] < expert_len[:, None]
     V.logprob_values(expert_logp, "expert_logp", valid)
     e = K.expert_baseline(expert_logp, max(T, te), valid)[:, :T]
-    gap = (logp.detach().double() - e.double())[m]
+    dt = K.compute_dtype(logp)                                            # float32 for half precision
+    gap = (logp.detach().to(dt) - e.to(dt))[m]
     q = _quantiles(gap, (0.1, 0.5, 0.9))
     past = torch.arange(T, device=logp.device)[None, :] >= expert_len[:, None]
     return {"expert_gap_q10": q[0], "expert_gap_q50": q[1], "expert_gap_q90": q[2],
@@ -234,17 +236,30 @@ def gradient_split(pg_loss: torch.Tensor, guide_loss: torch.Tensor, params: Sequ
                     continue
                 g = a + b if a is not None and b is not None else (a if a is not None else b)
                 p.grad = g.clone() if p.grad is None else p.grad + g
-    sq_pg = sq_gd = dot = 0.0                                             # float64 sums over all parameters
-    for a, b in zip(grads_pg, grads_gd):
-        a64 = a.detach().double().reshape(-1) if a is not None else None
-        b64 = b.detach().double().reshape(-1) if b is not None else None
-        sq_pg += float(a64 @ a64) if a64 is not None else 0.0
-        sq_gd += float(b64 @ b64) if b64 is not None else 0.0
-        dot += float(a64 @ b64) if a64 is not None and b64 is not None else 0.0
-    fin = lambda v: v if math.isfinite(v) else None
-    n_pg, n_gd = fin(math.sqrt(sq_pg)) if math.isfinite(sq_pg) else None, \
-        fin(math.sqrt(sq_gd)) if math.isfinite(sq_gd) else None
+    n_pg, n_gd, dot = _norms_and_dot(grads_pg, grads_gd, params)
     cos = None
     if n_pg and n_gd and math.isfinite(dot):
         cos = max(-1.0, min(1.0, dot / (n_pg * n_gd)))
     return {"grad_norm_pg": n_pg, "grad_norm_guide": n_gd, "grad_cos_pg_guide": cos}
+
+
+def _norms_and_dot(grads_a, grads_b, params) -> tuple:
+    """(|a|, |b|, a.b) over all parameters in float64; a norm is None when not finite. One flat vector per
+    device (the sums of several devices are added as python floats)."""
+    by_dev: dict = {}
+    for ga, gb, p in zip(grads_a, grads_b, params):
+        za = (ga if ga is not None else torch.zeros_like(p)).detach().reshape(-1).double()
+        zb = (gb if gb is not None else torch.zeros_like(p)).detach().reshape(-1).double()
+        by_dev.setdefault(p.device, ([], []))
+        by_dev[p.device][0].append(za)
+        by_dev[p.device][1].append(zb)
+    sq_a = sq_b = dot = 0.0
+    for va, vb in by_dev.values():
+        fa, fb = torch.cat(va), torch.cat(vb)
+        na, nb = float(fa.norm()), float(fb.norm())
+        sq_a, sq_b, dot = sq_a + na * na, sq_b + nb * nb, dot + float(fa @ fb)
+        if len(by_dev) == 1:                                             # the usual case: norms as computed
+            fin = lambda v: v if math.isfinite(v) else None
+            return fin(na), fin(nb), dot
+    fin = lambda v: math.sqrt(v) if math.isfinite(v) else None
+    return fin(sq_a), fin(sq_b), dot
