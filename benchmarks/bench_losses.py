@@ -35,7 +35,7 @@ VOCAB, HIDDEN = 151_936, 2048
 def make_batch(B: int = 64, T: int = 1024, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     old = -torch.rand(B, T, generator=g) * 3
-    logp = old + torch.randn(B, T, generator=g) * 0.1
+    logp = (old + torch.randn(B, T, generator=g) * 0.1).clamp(max=0.0)   # log-probs are <= 0
     lens = torch.randint(T // 4, T + 1, (B,), generator=g)
     mask = torch.arange(T)[None, :] < lens[:, None]
     rewards = (torch.rand(B, generator=g) > 0.5).float()

@@ -1,4 +1,8 @@
-"""Small shared input validators. Each raises ValueError naming the argument and what was expected."""
+"""Small shared input validators. Each raises ValueError naming the argument and what was expected.
+
+Conventions checked here for every public tensor function: tensors of one call live on one device; the floating
+tensors of one call share one dtype (masks and integer ids may be of any bool/int/float 0/1 dtype); log-probs are
+<= 0 up to a small rounding tolerance (logp_tol); entropies are >= 0 up to the same tolerance."""
 from __future__ import annotations
 
 import math
@@ -34,7 +38,8 @@ def floating(x: torch.Tensor, name: str) -> torch.Tensor:
 
 def finite(x: torch.Tensor, name: str, where: torch.Tensor | None = None) -> torch.Tensor:
     """x (optionally only at positions where `where` is true) must be finite (no NaN or inf)."""
-    vals = x if where is None else x[where]
+    x = x.detach()
+    vals = x if where is None else torch.where(where, x, torch.zeros((), dtype=x.dtype, device=x.device))
     if vals.is_floating_point() and vals.numel() and not bool(torch.isfinite(vals).all()):
         at = "" if where is None else " at masked-in positions"
         raise ValueError(f"{name}: expected finite values{at}, found NaN or inf")
@@ -50,25 +55,6 @@ def binary(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.numel() and not bool(((x == 0) | (x == 1)).all()):
         raise ValueError(f"{name}: expected a binary mask (bool or values in {{0, 1}}), found other values")
     return x != 0
-
-
-def mask(x: Any, name: str, shape: Sequence[int], like: str = "logp", *, allow_empty: bool = False) -> torch.Tensor:
-    """A [B,T] binary mask of `shape` with at least one true entry; returns it as bool."""
-    tensor(x, name, shape=shape, like=like)
-    m = binary(x, name)
-    if not allow_empty and not bool(m.any()):
-        raise ValueError(f"{name}: expected at least one unmasked (true) entry, got an all-masked tensor")
-    return m
-
-
-def float_tensor(x: Any, name: str, *, shape: Sequence[int] | None = None, ndim: int | Sequence[int] | None = None,
-                 like: str | None = None, where: torch.Tensor | None = None, check_finite: bool = True
-                 ) -> torch.Tensor:
-    """A floating tensor of the given shape/ndim, finite (where `where` is true, if given; not checked with
-    check_finite=False, for callers that check later under a mask)."""
-    tensor(x, name, ndim=ndim, shape=shape, like=like)
-    floating(x, name)
-    return finite(x, name, where) if check_finite else x
 
 
 def number(x: Any, name: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
@@ -98,10 +84,115 @@ def same_device(name: str, x: torch.Tensor, ref: torch.Tensor, ref_name: str) ->
         raise ValueError(f"{name}: expected device {ref.device} like {ref_name}, got {x.device}")
 
 
-def finite_sum(x: torch.Tensor, name: str, masked: bool = False) -> torch.Tensor:
-    """Cheap finiteness check for a tensor already 0 outside its mask: one sum; the exact elementwise check runs
-    only when the sum is not finite (an overflowing sum of finite values passes)."""
-    if x.numel() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-        at = " at masked-in positions" if masked else ""
-        raise ValueError(f"{name}: expected finite values{at}, found NaN or inf")
+def same_dtype(name: str, x: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    """x must have the dtype of ref (floating inputs of one call are never mixed silently)."""
+    if x.dtype != ref.dtype:
+        raise ValueError(f"{name}: expected dtype {ref.dtype} like {ref_name}, got {x.dtype} (give all floating "
+                         f"inputs one dtype, e.g. .float() on each; half precision is computed in float32 anyway)")
+
+
+def like(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str, *, dtype: bool = True) -> torch.Tensor:
+    """x on ref's device and (dtype=True) with ref's dtype."""
+    same_device(name, x, ref, ref_name)
+    if dtype:
+        same_dtype(name, x, ref, ref_name)
     return x
+
+
+def logp_tol(dtype: torch.dtype) -> float:
+    """Rounding tolerance for log-probs > 0 and entropies < 0: 1e-4, or 8 ulps at 1 for half precision."""
+    return max(1e-4, 8 * torch.finfo(dtype).eps) if dtype in (torch.float16, torch.bfloat16) else 1e-4
+
+
+def logprobs(x: torch.Tensor, name: str, where: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probabilities: <= logp_tol(dtype) (where `where` is true, if given). NaN is left to the finite checks."""
+    x = x.detach()
+    vals = x if where is None else torch.where(where, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if vals.numel() and bool((vals > logp_tol(x.dtype)).any()):
+        at = "" if where is None else " at masked-in positions"
+        raise ValueError(f"{name}: expected log-probabilities <= 0{at}, found values up to "
+                         f"{float(vals.max()):.4g}")
+    return x
+
+
+def nonneg(x: torch.Tensor, name: str, where: torch.Tensor | None = None, what: str = "entropies") -> torch.Tensor:
+    """Values >= -logp_tol(dtype) (where `where` is true, if given)."""
+    x = x.detach()
+    vals = x if where is None else torch.where(where, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if vals.numel() and bool((vals < -logp_tol(x.dtype)).any()):
+        at = "" if where is None else " at masked-in positions"
+        raise ValueError(f"{name}: expected {what} >= 0{at}, found values down to {float(vals.min()):.4g}")
+    return x
+
+
+def integer(x: torch.Tensor, name: str) -> torch.Tensor:
+    """x must have an integer (not bool) dtype."""
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise ValueError(f"{name}: expected an integer tensor, got dtype {x.dtype}")
+    return x
+
+
+def int_arg(n: Any, name: str, *, lo: int = 1) -> int:
+    """A python int >= lo (bools rejected)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}, got {n!r}")
+    return n
+
+
+def float_like(x: Any, name: str, ref: torch.Tensor, ref_name: str, *, shape: Sequence[int] | None = None,
+               ndim: int | Sequence[int] | None = None) -> torch.Tensor:
+    """Structure only (no values read, so it also works for tensors on the meta device): a floating tensor of
+    the given shape/ndim on ref's device with ref's dtype."""
+    tensor(x, name, ndim=ndim, shape=shape, like=ref_name)
+    floating(x, name)
+    return like(x, name, ref, ref_name)
+
+
+def mask_like(x: Any, name: str, ref: torch.Tensor, ref_name: str, shape: Sequence[int] | None = None
+              ) -> torch.Tensor:
+    """Structure only: a tensor of ref's shape (or `shape`) on ref's device, of a bool/int/float dtype."""
+    tensor(x, name, shape=tuple(ref.shape) if shape is None else shape, like=ref_name)
+    if x.is_complex():
+        raise ValueError(f"{name}: expected a bool or 0/1 tensor, got dtype {x.dtype}")
+    same_device(name, x, ref, ref_name)
+    return x
+
+
+def policy_args(logp, old_logp, adv, mask, clip_low, clip_high, clip_c, agg, norm_len, agg_modes) -> torch.Tensor:
+    """Validate the inputs every policy loss shares (structure first, then values). Returns the bool mask."""
+    tensor(logp, "logp", ndim=2)
+    floating(logp, "logp")
+    mask_like(mask, "mask", logp, "logp")
+    float_like(old_logp, "old_logp", logp, "logp", shape=logp.shape)
+    float_like(adv, "adv", logp, "logp", ndim=(1, 2))
+    if adv.dim() == 1 and adv.shape[0] != logp.shape[0]:
+        raise ValueError(f"adv: expected shape ({logp.shape[0]},) or {tuple(logp.shape)} like logp, "
+                         f"got {tuple(adv.shape)}")
+    if adv.dim() == 2:
+        tensor(adv, "adv", shape=logp.shape, like="logp")
+    number(clip_low, "clip_low", lo=0.0, hi=1.0, hi_open=True)
+    number(clip_high, "clip_high", lo=0.0)
+    if clip_c is not None:
+        number(clip_c, "clip_c", lo=1.0, lo_open=True)
+    choice(agg, "agg", agg_modes)
+    if norm_len is not None:
+        int_arg(norm_len, "norm_len")
+    m = mask_values(mask, "mask")
+    logprob_values(logp, "logp", m)
+    logprob_values(old_logp, "old_logp", m)
+    finite(adv, "adv", m if adv.dim() == 2 else None)
+    return m
+
+
+def mask_values(x: torch.Tensor, name: str, *, allow_empty: bool = False) -> torch.Tensor:
+    """Values of a mask already checked by mask_like: binary, and (unless allow_empty) not all False."""
+    m = binary(x, name)
+    if not allow_empty and not bool(m.any()):
+        raise ValueError(f"{name}: expected at least one unmasked (true) entry, got an all-masked tensor")
+    return m
+
+
+def logprob_values(x: torch.Tensor, name: str, where: torch.Tensor | None = None) -> torch.Tensor:
+    """Finite log-probabilities (<= logp_tol) where `where` is true (everywhere if None)."""
+    finite(x, name, where)
+    return logprobs(x, name, where)

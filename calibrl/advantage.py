@@ -18,21 +18,26 @@ def _check_rewards(rewards, group_ids) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"rewards: expected a real (float or int) tensor, got dtype {rewards.dtype}")
     if rewards.numel() == 0:
         raise ValueError("rewards: expected at least one row, got an empty tensor")
-    V.finite(rewards, "rewards")
     V.tensor(group_ids, "group_ids", shape=rewards.shape, like="rewards")
-    if group_ids.is_floating_point() or group_ids.is_complex() or group_ids.dtype == torch.bool:
-        raise ValueError(f"group_ids: expected an integer tensor, got dtype {group_ids.dtype}")
+    V.integer(group_ids, "group_ids")
     V.same_device("group_ids", group_ids, rewards, "rewards")
+    V.finite(rewards, "rewards")
     return rewards, group_ids
 
 
 def _group_moments(r: torch.Tensor, inv: torch.Tensor, n_groups: int, sel: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-group count, mean and Bessel std over the rows in `sel` (float64). Singleton: mean 0, std 1 (verl)."""
+    """Per-group count, mean and Bessel std over the rows in `sel` (float64). Singleton: mean 0, std 1 (verl).
+    A group whose selected rewards are all equal gets that value as its mean exactly (std exactly 0), so its
+    advantages are exactly 0 whatever the rounding of the sum."""
     w = sel.to(torch.float64)
     count = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(0, inv, w)
     total = torch.zeros_like(count).index_add_(0, inv, r * w)
     mean = total / count.clamp(min=1)
+    big = torch.finfo(torch.float64).max
+    hi = torch.full_like(count, -big).scatter_reduce(0, inv, torch.where(sel, r, -big), reduce="amax")
+    lo = torch.full_like(count, big).scatter_reduce(0, inv, torch.where(sel, r, big), reduce="amin")
+    mean = torch.where((hi == lo) & (count > 0), hi, mean)
     sq = torch.zeros_like(count).index_add_(0, inv, (r - mean[inv]) ** 2 * w)
     std = (sq / (count - 1).clamp(min=1)).sqrt()
     single = count <= 1
@@ -51,35 +56,44 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: s
     expert rows for LUFFY/RL-PLUS) get an advantage against their group's on-policy statistics but do not enter
     them (the official code's behaviour); a group with no on-policy row is treated as a singleton.
 
-    Args: rewards [N] (float or int), group_ids [N] (int), scale "none" | "group", eps > 0 (verl 1e-6, TRL 1e-4),
-    on_policy [N] bool or None. Returns float [N] (rewards' dtype if floating, else float32).
+    Computed in float64; a group whose on-policy rewards are all equal gets advantages exactly 0 (also with
+    scale="group"). Args: rewards [N] (float or int), group_ids [N] (int, same device), scale "none" | "group",
+    eps > 0 (verl 1e-6, TRL 1e-4; eps <= 0 is rejected), on_policy [N] bool or None. Returns [N] float64 for
+    float64 rewards, else float32 (half precision and integer rewards are upcast).
     """
     _check_rewards(rewards, group_ids)
     V.choice(scale, "scale", SCALES)
-    V.number(eps, "eps", lo=0.0)
+    V.number(eps, "eps", lo=0.0, lo_open=True)
     if on_policy is None:
         sel = torch.ones_like(rewards, dtype=torch.bool)
     else:
-        sel = V.mask(on_policy, "on_policy", rewards.shape, like="rewards")
-    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
-    r = rewards.to(torch.float64)
+        V.mask_like(on_policy, "on_policy", rewards, "rewards")
+        sel = V.mask_values(on_policy, "on_policy")
+    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    r = rewards.detach().to(torch.float64)
     _, inv = torch.unique(group_ids, return_inverse=True)
     n_groups = int(inv.max()) + 1
     _, mean, std = _group_moments(r, inv, n_groups, sel)
     adv = r - mean[inv]
     if scale == "group":
         adv = adv / (std[inv] + eps)
-    return adv.to(out_dtype)
+    out = adv.to(out_dtype)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"rewards: the advantages overflow {out_dtype} (|A| up to {float(adv.abs().max()):.3g}); "
+                         f"expected rewards of a representable scale")
+    return out
 
 
 def pass_mask(rewards: torch.Tensor, *, threshold: float = 0.1) -> torch.Tensor:
-    """Passed rows: reward > threshold (official code: r = acc + 0.1 fmt, pass iff r > 0.1). Returns bool [N]."""
+    """Passed rows: reward > threshold (official code: r = acc + 0.1 fmt, pass iff r > 0.1), compared in the
+    rewards' own precision (a float32 or bf16 reward 0.1 equals the threshold 0.1 and does not pass). Returns
+    bool [N]."""
     V.tensor(rewards, "rewards", ndim=1)
     if rewards.dtype == torch.bool or rewards.is_complex():
         raise ValueError(f"rewards: expected a real (float or int) tensor, got dtype {rewards.dtype}")
     V.finite(rewards, "rewards")
     V.number(threshold, "threshold")
-    return rewards > threshold
+    return rewards.detach() > threshold
 
 
 def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor, passed: torch.Tensor, *, scale: str = "none",
@@ -89,13 +103,15 @@ def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor, passed: torch.Te
     Returns a dict: pass_rate (float Tensor[n_groups], groups in sorted group-id order), uniform (bool
     Tensor[n_groups]: all rewards of the group equal, so every advantage and CalibRL's guidance vanish),
     uniform_frac, all_pass_frac, all_fail_frac (python floats, fractions of groups) and abs_adv_mean (mean |A|
-    over rows, advantages as group_advantages(rewards, group_ids, scale=scale, eps=eps)).
+    over rows, advantages as group_advantages(rewards, group_ids, scale=scale, eps=eps)). passed [N] bool/{0,1}
+    on rewards' device.
     """
     _check_rewards(rewards, group_ids)
-    p = V.binary(V.tensor(passed, "passed", shape=rewards.shape, like="rewards"), "passed")
+    V.mask_like(passed, "passed", rewards, "rewards")
+    p = V.binary(passed, "passed")
     _, inv = torch.unique(group_ids, return_inverse=True)
     n_groups = int(inv.max()) + 1
-    r = rewards.to(torch.float64)
+    r = rewards.detach().to(torch.float64)
     count = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(0, inv, torch.ones_like(r))
     n_pass = torch.zeros_like(count).index_add_(0, inv, p.to(torch.float64))
     pass_rate = (n_pass / count).to(torch.float32)

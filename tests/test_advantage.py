@@ -78,3 +78,22 @@ def test_group_stats_values():
     g3 = [abs(0.1 - 0.2 / 3), 0.2 / 3, abs(0.1 - 0.2 / 3)]
     assert s["abs_adv_mean"] == pytest.approx((1.0 + sum(g3)) / 9)
     assert all(isinstance(s[k], float) for k in ("uniform_frac", "all_pass_frac", "all_fail_frac", "abs_adv_mean"))
+
+
+def test_eps_must_be_positive_and_uniform_groups_are_exactly_zero():
+    r, gid = torch.tensor([0.1, 0.1, 0.1], dtype=torch.float64), torch.zeros(3, dtype=torch.long)
+    for eps in (0.0, -1e-6):
+        with pytest.raises(ValueError, match=r"^eps: expected a value > 0"):
+            group_advantages(r, gid, scale="group", eps=eps)
+    # the float64 mean of three 0.1 is 0.10000000000000002: (r - mean) / eps was -1.4e-11 before, not 0
+    assert group_advantages(r, gid, scale="group").tolist() == [0.0, 0.0, 0.0]
+    assert group_advantages(r, gid, scale="group", eps=1e-300).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_half_and_grad_rewards_are_upcast_and_detached():
+    r = torch.tensor([1.0, 0.0, 0.1], dtype=torch.bfloat16).requires_grad_()
+    a = group_advantages(r, torch.zeros(3, dtype=torch.long))
+    assert a.dtype == torch.float32 and not a.requires_grad
+    torch.testing.assert_close(a, torch.tensor([1.0, 0.0, 0.10009765625]) - (1.10009765625 / 3))
+    with pytest.raises(ValueError, match=r"^group_ids: expected device cpu"):
+        group_advantages(r, torch.zeros(3, dtype=torch.long, device="meta"))

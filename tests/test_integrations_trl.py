@@ -123,7 +123,7 @@ def _fixed(setup):
             torch.cat([b["prompt_mask"], b["completion_mask"]], 1), b["completion_ids"].shape[1],
             pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"], num_images=b["num_images"],
             mm_token_type_ids=b.get("mm_token_type_ids"))
-    b["old_per_token_logps"] = lp + 0.3 * torch.randn(lp.shape, generator=gen)
+    b["old_per_token_logps"] = (lp + 0.3 * torch.randn(lp.shape, generator=gen)).clamp(max=0.0)  # log-probs <= 0
     return b
 
 

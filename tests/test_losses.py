@@ -36,7 +36,7 @@ def test_aggregate_leaves_empty_rows_out_of_row_means():
 
 
 def _rows(log_ratios, advs):
-    old = torch.full((len(advs), 1), -1.0)
+    old = torch.full((len(advs), 1), -2.0)                      # log-probs stay <= 0 for ratios up to e^2
     logp = (old + torch.tensor(log_ratios)[:, None]).requires_grad_()
     return logp, old, torch.tensor(advs), torch.ones(len(advs), 1, dtype=torch.bool)
 
@@ -82,7 +82,7 @@ def test_policy_loss_adv_per_token_and_bf16():
     a2 = adv[:, None].expand(2, 1).clone()
     assert float(policy_loss(logp, old, a2, mask)[0].detach()) == float(policy_loss(logp, old, adv, mask)[0].detach())
     lb = logp.detach().bfloat16().requires_grad_()
-    loss, _ = policy_loss(lb, old.bfloat16(), adv, mask)
+    loss, _ = policy_loss(lb, old.bfloat16(), adv.bfloat16(), mask)
     loss.backward()
     assert loss.dtype == torch.float32 and lb.grad.dtype == torch.bfloat16
 
@@ -129,7 +129,7 @@ def test_calibrl_token_gap_hand_values():
 
 def test_gate_ties_counted_apart_and_left_out_of_the_shares():
     # passed row gaps (logp - e) [0, -1, 0.5, 0]; failed row gaps [0, -2, 1, 3]: 3 ties of 8 tokens
-    e = torch.full((2, 4), -1.0)
+    e = torch.full((2, 4), -4.0)
     logp = (e + torch.tensor([[0.0, -1.0, 0.5, 0.0], [0.0, -2.0, 1.0, 3.0]])).requires_grad_(True)
     mask, passed, adv = torch.ones(2, 4), torch.tensor([1, 0]), torch.tensor([1.0, -1.0])
     loss, info = calibrl_loss(logp, logp.detach(), e, adv, mask, passed, slope=0.5, guide_coef=0.1)
@@ -290,3 +290,103 @@ def test_rlplus_hand_values():
     assert info["expert_loss"] == pytest.approx(off) and info["expert_ratio_mean"] == pytest.approx(ratio)
     loss.backward()  # the exploration factor is detached: d/dlogp (-A' r) = -A' r
     assert float(e.grad) == pytest.approx(off / 2)
+
+
+# ------------------------------------------------------------------------------------------------ bad-input classes
+def test_aggregate_sums_half_precision_in_float32():
+    mat = torch.full((2, 2), 60000.0, dtype=torch.float16)          # the fp16 sum 240000 overflows 65504
+    out = aggregate(mat, torch.ones(2, 2), "token-mean")
+    assert out.dtype == torch.float32 and float(out) == 60000.0
+
+
+def test_positive_log_probs_are_rejected_beyond_a_tolerance():
+    logp, old, adv, mask = _rows([0.0], [1.0])
+    with pytest.raises(ValueError, match=r"^logp: expected log-probabilities <= 0"):
+        policy_loss(torch.full((1, 1), 0.5), old, adv, mask)
+    policy_loss(torch.full((1, 1), 1e-6), old, adv, mask)          # rounding noise is accepted
+    with pytest.raises(ValueError, match=r"^expert_logp_theta:"):  # LUFFY returned NaN for p > 1 before
+        luffy_loss(logp, old, adv, mask, torch.full((1, 2), 0.7), torch.tensor([1.0]), torch.ones(1, 2))
+    with pytest.raises(ValueError, match=r"^expert_old_logp:"):
+        rlplus_loss(logp, old, adv, mask, torch.full((1, 2), -0.7), torch.full((1, 2), 2.0), torch.tensor([1.0]),
+                    torch.ones(1, 2))
+    torch.testing.assert_close(                                     # positive junk where masked out is ignored
+        policy_loss(logp, old, adv, mask)[0], policy_loss(logp, torch.where(mask, old, 9.0), adv, mask)[0])
+
+
+def test_no_gradient_reaches_constants():
+    g = torch.Generator().manual_seed(0)
+    lp = lambda *s: (-torch.rand(*s, generator=g) - 0.1)
+    logp = lp(2, 3).requires_grad_()
+    const = {k: v.requires_grad_() for k, v in dict(old=lp(2, 3), adv=torch.randn(2, generator=g), ref=lp(2, 3),
+                                                    e=lp(2, 3), e_old=lp(1, 3), e_adv=torch.randn(1, generator=g)).items()}
+    mask, passed, e_lp = torch.ones(2, 3), torch.tensor([1, 0]), lp(1, 3).requires_grad_()
+    c = const
+    total = (policy_loss(logp, c["old"], c["adv"], mask, ref_logp=c["ref"], kl_coef=0.1)[0]
+             + calibrl_loss(logp, c["old"], c["e"], c["adv"], mask, passed)[0]
+             + calibrl_loss(logp, c["old"], c["e"], c["adv"], mask, passed, gap="sequence")[0]
+             + luffy_loss(logp, c["old"], c["adv"], mask, e_lp, c["e_adv"], torch.ones(1, 3))[0]
+             + rlplus_loss(logp, c["old"], c["adv"], mask, e_lp, c["e_old"], c["e_adv"], torch.ones(1, 3))[0])
+    total.backward()
+    assert logp.grad is not None and e_lp.grad is not None
+    assert {k: v.grad for k, v in const.items()} == {k: None for k in const}   # adv, ref_logp, expert_* : none
+
+
+def test_mixed_devices_and_dtypes_name_the_argument():
+    logp, old, adv, mask = _rows([0.0, 0.1], [1.0, -1.0])
+    with pytest.raises(ValueError, match=r"^old_logp: expected device cpu like logp, got meta"):
+        policy_loss(logp, old.to("meta"), adv, mask)
+    with pytest.raises(ValueError, match=r"^mask: expected device cpu"):
+        policy_loss(logp, old, adv, mask.to("meta"))
+    with pytest.raises(ValueError, match=r"^adv: expected dtype torch.float32 like logp, got torch.float64"):
+        policy_loss(logp, old, adv.double(), mask)
+    with pytest.raises(ValueError, match=r"^expert_logp: expected dtype torch.float32"):
+        calibrl_loss(logp, old, old.double(), adv, mask, torch.tensor([1, 0]))
+
+
+def test_unchecked_kernels_equal_the_public_functions():
+    g = torch.Generator().manual_seed(1)
+    logp, old = -torch.rand(3, 4, generator=g) - 0.1, -torch.rand(3, 4, generator=g) - 0.1
+    adv, mask, passed = torch.randn(3, generator=g), torch.rand(3, 4, generator=g) > 0.3, torch.tensor([1, 0, 1])
+    mask[0, 0] = True
+    e_lp, e_old, e_adv, em = -torch.rand(2, 5, generator=g), -torch.rand(2, 5, generator=g), torch.randn(2), \
+        torch.ones(2, 5, dtype=torch.bool)
+    pairs = [
+        (lambda f: f(logp, old, adv, mask, agg="seq-mean-token-mean"), losses.policy_loss, losses.policy_loss_kernel),
+        (lambda f: f(logp, old, old, adv, mask, passed, gap="mean-token"), losses.calibrl_loss,
+         losses.calibrl_loss_kernel),
+        (lambda f: f(logp, old, adv, mask, e_lp, e_adv, em), losses.luffy_loss, losses.luffy_loss_kernel),
+        (lambda f: f(logp, old, adv, mask, e_lp, e_old, e_adv, em), losses.rlplus_loss, losses.rlplus_loss_kernel),
+    ]
+    for call, public, kernel in pairs:
+        kw_passed = call(public)
+        if kernel is losses.calibrl_loss_kernel:
+            got = kernel(logp, old, old, adv, mask, passed.bool(), gap="mean-token")
+        else:
+            got = call(kernel)
+        assert float(got[0]) == float(kw_passed[0]) and got[1] == kw_passed[1]
+    assert float(losses.aggregate_kernel(logp, mask, "token-mean")) == float(aggregate(logp, mask, "token-mean"))
+
+
+def test_loss_modules_import_one_way():
+    """losses -> losses_hybrid -> _kernels/_validate, never back (the old circle ran through private helpers)."""
+    import ast
+    from pathlib import Path
+
+    import calibrl
+
+    root = Path(calibrl.__file__).parent
+    mods = ["losses", "losses_hybrid", "_kernels", "_validate", "probes", "probes_entropy", "advantage"]
+    graph = {}
+    for m in mods:
+        tree = ast.parse((root / f"{m}.py").read_text())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("calibrl"):
+                names = [node.module.split(".")[1]] if "." in node.module else [a.name for a in node.names]
+                deps.update(n for n in names if n in mods)
+        graph[m] = deps - {m}
+
+    def reach(a, seen=()):
+        return {b for d in graph[a] if d not in seen for b in {d} | reach(d, seen + (a,))}
+    assert all(m not in reach(m) for m in mods), graph
+    assert "losses" not in graph["losses_hybrid"]

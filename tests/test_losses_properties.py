@@ -16,7 +16,7 @@ def batches(draw):
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
     old = -torch.rand(B, T, generator=g) * draw(st.floats(0.01, 30.0))
-    logp = old + torch.randn(B, T, generator=g) * draw(st.floats(0.0, 5.0))
+    logp = (old + torch.randn(B, T, generator=g) * draw(st.floats(0.0, 5.0))).clamp(max=0.0)  # log-probs <= 0
     lens = torch.randint(0, T + 1, (B,), generator=g)
     lens[draw(st.integers(0, B - 1))] = draw(st.integers(1, T))  # at least one real token
     mask = torch.arange(T)[None, :] < lens[:, None]

@@ -179,3 +179,73 @@ def test_gradient_split_accumulate_equals_backward_of_total():
 def test_probe_validation(call, arg):
     with pytest.raises(ValueError, match=rf"^{arg}:"):
         call()
+
+
+# ------------------------------------------------------------------------------------------------ bad-input classes
+def test_nan_logits_and_hidden_raise_instead_of_reading_as_entropy_zero():
+    z = torch.tensor([[0.0, 0.0, float("-inf")], [float("nan"), 0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"^logits:"):
+        probes.token_entropy(z)
+    assert float(probes.token_entropy(z[:1])[0]) == pytest.approx(math.log(2))   # -inf entries still fine
+    with pytest.raises(ValueError, match=r"^logits:"):
+        probes.token_entropy(torch.full((1, 3), float("-inf")))                    # a row with no valid id
+    h = torch.tensor([[1.0, float("nan")]])
+    with pytest.raises(ValueError, match=r"^hidden:"):
+        probes.entropy_from_hidden(h, torch.ones(3, 2))
+    with pytest.raises(ValueError, match=r"^lm_head_weight:"):
+        probes.entropy_from_hidden(torch.ones(1, 2), torch.tensor([[1.0, 0.0], [float("inf"), 0.0]]))
+    x = torch.tensor([[0.0, 0.5, 0.1], [1.0, 2.0, 3.0], [0.0, -1.0, 1.0]])
+    before = x.clone()
+    for t in (1.0, 0.5):
+        probes.token_entropy(x, chunk_size=1, temperature=t)
+        assert torch.equal(x, before)                                             # caller's logits untouched
+
+
+def test_fp32_lm_head_is_never_cast_down():
+    # fp16 hidden x fp32 head: logits 1e5 and 99999 (fp16 would overflow to inf); H of softmax([1, 0])
+    p = 1 / (1 + math.exp(-1))
+    want = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    h = torch.tensor([[100.0]], dtype=torch.float16)
+    w = torch.tensor([[1000.0], [999.99]])
+    assert float(probes.entropy_from_hidden(h, w)[0]) == pytest.approx(want, abs=1e-3)
+    # bf16 hidden x fp32 head: 1 + 2^-9 is not a bf16 number; logits 100, 100.195
+    hb, wb = torch.tensor([[100.0]], dtype=torch.bfloat16), torch.tensor([[1.0], [1.0 + 2 ** -9]])
+    q = 1 / (1 + math.exp(-100 * 2 ** -9))
+    assert float(probes.entropy_from_hidden(hb, wb)[0]) == pytest.approx(
+        -(q * math.log(q) + (1 - q) * math.log(1 - q)), abs=1e-5)
+
+
+def test_expert_len_beyond_the_expert_tensor_is_rejected():
+    logp, e = torch.full((1, 4), -1.0), torch.full((1, 2), -2.0)
+    with pytest.raises(ValueError, match=r"^expert_len: row 0 has an expert of 3 tokens but expert_logp holds 2"):
+        probes.expert_gap(logp, e, torch.ones(1, 4), torch.tensor([3]))   # read 0.0 past-end before
+    out = probes.expert_gap(logp, e, torch.ones(1, 4), torch.tensor([2]))
+    assert out["expert_past_end_frac"] == 0.5
+    # a tensor cut to the on-policy width (notebook 03's case) is fine: every on-policy e_t is known
+    out = probes.expert_gap(logp[:, :2], e, torch.ones(1, 2), torch.tensor([7]))
+    assert out["expert_past_end_frac"] == 0.0 and out["expert_gap_q50"] == pytest.approx(1.0)
+
+
+def test_gradient_split_never_nan():
+    w = torch.zeros(2, requires_grad=True)
+    pg = (w * torch.tensor([1.0, 2.0])).sum()
+    guide = torch.sqrt(w * w).sum()                    # finite loss (0), gradient sqrt'(0) = inf * 0 = NaN
+    out = probes.gradient_split(pg, guide, [w])
+    assert out["grad_norm_guide"] is None and out["grad_cos_pg_guide"] is None
+    assert out["grad_norm_pg"] == pytest.approx(math.sqrt(5))
+    a, b = torch.ones(1, requires_grad=True), torch.ones(1, requires_grad=True)
+    pg = (a * 3e38 - b * 3e38).sum()                   # gradients +-3e38: their squares overflow float32
+    out = probes.gradient_split(pg, -1.0 * pg, [a, b])
+    assert out["grad_norm_pg"] == pytest.approx(3e38 * math.sqrt(2), rel=1e-6) and out["grad_cos_pg_guide"] == -1.0
+    with pytest.raises(ValueError, match=r"^pg_loss: expected a finite loss"):
+        probes.gradient_split((w * float("nan")).sum(), guide, [w])
+
+
+def test_probe_inputs_on_another_device_or_dtype_are_named():
+    logp, e, mask, passed = torch.full((2, 3), -1.0), torch.full((2, 3), -2.0), torch.ones(2, 3), torch.ones(2)
+    with pytest.raises(ValueError, match=r"^rows: expected device cpu"):
+        probes.gate_activation(logp, e, mask, passed, rows=torch.ones(2, device="meta"))
+    with pytest.raises(ValueError, match=r"^expert_logp: expected dtype torch.float32"):
+        probes.gate_activation(logp, e.double(), mask, passed)
+    with pytest.raises(ValueError, match=r"^entropy: expected entropies >= 0"):
+        probes.entropy_summary(torch.full((2, 3), -1.0), mask, passed)

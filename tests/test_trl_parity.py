@@ -45,7 +45,7 @@ def _batch(seed, B=5, T=7):
     g = torch.Generator().manual_seed(seed)
     old = -torch.rand(B, T, generator=g) * 3
     logp = old + torch.randn(B, T, generator=g) * 0.3
-    logp = torch.minimum(logp, old + 1.0)  # ratio < e < 3: the dual clip cannot fire
+    logp = torch.minimum(logp, old + 1.0).clamp(max=0.0)  # ratio < e < 3: the dual clip cannot fire; logp <= 0
     adv = torch.randn(B, generator=g)
     lens = torch.randint(1, T + 1, (B,), generator=g)
     mask = torch.arange(T)[None, :] < lens[:, None]

@@ -66,9 +66,9 @@ def _batch(rng: random.Random, *, pads: bool = True, spread: float = 1.0) -> dic
 
     b, t = rewards.shape[0], rng.randint(4, 9)
     old = -torch.rand(b, t, generator=g) * 3
-    logp = old + spread * 0.5 * torch.randn(b, t, generator=g)
+    logp = -(old + spread * 0.5 * torch.randn(b, t, generator=g)).abs()   # log-probs <= 0 (> 0 is rejected)
     # the expert sits below the policy on most tokens (as with an off-policy expert), not at a 50/50 split
-    expert = logp - torch.randn(b, t, generator=g).abs() * 2 + (torch.rand(b, t, generator=g) < 0.25) * 3.0
+    expert = -(logp - torch.randn(b, t, generator=g).abs() * 2 + (torch.rand(b, t, generator=g) < 0.25) * 3.0).abs()
     mask = torch.ones(b, t, dtype=torch.bool)
     if pads:
         lens = torch.randint(1, t + 1, (b,), generator=g)

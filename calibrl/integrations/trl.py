@@ -237,8 +237,9 @@ class CalibRLTrainer(GRPOTrainer):
             model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
             torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), logits_to_keep, compute_entropy=True,
             **mm)
+        logp, ent = logp.float(), ent.float()  # bf16 models give bf16 log-probs; calibrl takes one float dtype
         old = inputs.get("old_per_token_logps")
-        old = logp.detach() if old is None else old
+        old = logp.detach() if old is None else old.float()
         adv, passed = inputs["advantages"], inputs["calibrl_passed"]
         e_lp, e_mask = inputs["calibrl_expert_logps"], inputs["calibrl_expert_mask"]
         clip = dict(clip_low=self.epsilon_low, clip_high=self.epsilon_high, clip_c=a.clip_c, agg=a.loss_agg,
