@@ -71,6 +71,10 @@ def check_inputs(cfg: TrainConfig, policy: Any, train_data: Any, eval_data: Any 
         raise ValueError("kl_coef: needs a LoRA policy (the start policy is the model with its adapter disabled)")
 
 
+NONFINITE_OLD = "non-finite old log-prob"
+"""skip_reason of a step whose rollout produced non-finite old/expert log-probs (no update, no rollout probes)."""
+
+
 class Trainer:
     """One run. Build with a config (and optionally a ready policy/datasets), then `run()` or `step()` by hand."""
 
@@ -134,10 +138,15 @@ class Trainer:
         return self.cfg.max_new_tokens if self.cfg.expert_horizon == "on-policy" else None
 
     def _loss(self, lp: torch.Tensor, b: RolloutBatch, rows: torch.Tensor, ent: torch.Tensor | None,
-              e_lp: torch.Tensor | None, e_rows: torch.Tensor | None) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
-        """Loss of one micro-batch by mode: (loss, info, policy term tensor for the gradient split or None)."""
+              e_lp: torch.Tensor | None, e_rows: torch.Tensor | None, *,
+              checked: bool = False) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+        """Loss of one micro-batch by mode: (loss, info, policy term tensor for the gradient split or None).
+        `checked=False` calls the unchecked kernels (the batch was validated once by `_check_batch`)."""
         from calibrl import losses
 
+        pick = (lambda name: getattr(losses, name)) if checked else (lambda name: getattr(losses, name + "_kernel"))
+        policy_loss, calibrl_loss = pick("policy_loss"), pick("calibrl_loss")
+        luffy_loss, rlplus_loss = pick("luffy_loss"), pick("rlplus_loss")
         lc, cfg = self.cfg.loss, self.cfg
         t = lp.shape[1]
         old, adv, mask = b.old_logp[rows, :t], b.adv[rows].to(lp.device), b.mask[rows, :t]
@@ -146,7 +155,7 @@ class Trainer:
         if lc.mode in ("grpo", "dr_grpo", "dapo") or (e_rows is not None and len(e_rows) == 0):
             # (a LUFFY/RL-PLUS micro-batch without an expert row: its on-policy rows get the plain surrogate)
             ref = b.ref_logp[rows, :t] if lc.kl_coef else None
-            loss, info = losses.policy_loss(lp, old, adv, mask, ref_logp=ref, kl_coef=lc.kl_coef, entropy=ent,
+            loss, info = policy_loss(lp, old, adv, mask, ref_logp=ref, kl_coef=lc.kl_coef, entropy=ent,
                                             entropy_coef=lc.entropy_coef, **clip)
             return loss, info, None
         e_mask_all = b.expert_train_mask(self.expert_horizon)
@@ -155,19 +164,33 @@ class Trainer:
             # horizon: the token gap aligns it by index with e_t = 0 past the expert's end; the sequence gaps sum it
             er = b.row_prompt[rows]
             passed = b.passed[rows].to(lp.device)
-            loss, info = losses.calibrl_loss(lp, old, b.expert_old_logp[er], adv, mask, passed, slope=lc.slope,
+            loss, info = calibrl_loss(lp, old, b.expert_old_logp[er], adv, mask, passed, slope=lc.slope,
                                              guide_coef=lc.guide_coef, weight=lc.weight, gap=lc.gap,
                                              expert_mask=e_mask_all[er], **clip)
-            pg, _ = losses.policy_loss(lp, old, adv, mask, **clip)
+            pg, _ = policy_loss(lp, old, adv, mask, **clip)
             return loss, info, pg
         te = e_lp.shape[1]
         e_mask, e_adv = e_mask_all[e_rows, :te], b.expert_adv[e_rows].to(lp.device)
         if lc.mode == "luffy":
-            loss, info = losses.luffy_loss(lp, old, adv, mask, e_lp, e_adv, e_mask, gamma=lc.luffy_gamma, **clip)
+            loss, info = luffy_loss(lp, old, adv, mask, e_lp, e_adv, e_mask, gamma=lc.luffy_gamma, **clip)
         else:
-            loss, info = losses.rlplus_loss(lp, old, adv, mask, e_lp, b.expert_old_logp[e_rows, :te], e_adv, e_mask,
+            loss, info = rlplus_loss(lp, old, adv, mask, e_lp, b.expert_old_logp[e_rows, :te], e_adv, e_mask,
                                             **clip)
         return loss, info, None
+
+    def _check_batch(self, b: RolloutBatch) -> str | None:
+        """Validate every row of the rollout once per RL step with the checked losses (old log-probs standing in for
+        the new ones); the micro-batch loop then calls the unchecked kernels. Returns a skip reason when the
+        rollout's own log-probs are not finite (the step is skipped, not crashed); raises on malformed tensors."""
+        expert_rows = self.cfg.loss.mode in ("luffy", "rlplus")
+        if not torch.isfinite(b.old_logp[b.mask]).all() or (
+                b.expert_mask.numel() and not torch.isfinite(b.expert_old_logp[b.expert_mask]).all()):
+            return NONFINITE_OLD
+        with torch.no_grad():
+            self._loss(b.old_logp, b, torch.arange(b.n_rows), b.entropy if self.cfg.loss.entropy_coef else None,
+                       b.expert_old_logp if expert_rows else None,
+                       torch.arange(len(b.prompt_ids)) if expert_rows else None, checked=True)
+        return None
 
     def _forward(self, b: RolloutBatch, rows: torch.Tensor, e_rows: torch.Tensor | None):
         """Log-probs with grad for on-policy rows (and expert rows, cut to the horizon, for LUFFY/RL-PLUS) in one
@@ -216,6 +239,7 @@ class Trainer:
         expert_rows = cfg.loss.mode in ("luffy", "rlplus")
         infos, norms, gaps, reasons, split = [], [], [], [], None
         opt_steps = skipped = 0
+        bad = self._check_batch(b)
         self.policy.model.train(True)
         for epoch in range(cfg.ppo_epochs):
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step_num * 101 + epoch)
@@ -224,8 +248,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 micro = list(mb_prompts.tensor_split(cfg.grad_accum))
                 weights = self._micro_weights(b, micro, expert_rows)
-                reason = None
-                for k, (erows, w) in enumerate(zip(micro, weights)):
+                reason = bad
+                for k, (erows, w) in enumerate([] if bad else zip(micro, weights)):
                     mrows = torch.cat([torch.arange(i * g, (i + 1) * g) for i in erows.tolist()])
                     lp, ent, e_lp = self._forward(b, mrows, erows if expert_rows else None)
                     m = b.mask[mrows, : lp.shape[1]].to(lp.device)
@@ -295,7 +319,9 @@ class Trainer:
         t1 = time.perf_counter()
         row.update(self.update(b))
         t2 = time.perf_counter()
-        row.update(stepstats.rollout_probes(b, cfg))
+        broken = row.get("skip_reason") == NONFINITE_OLD  # the rollout's own log-probs: probes would raise on them
+        if not broken:
+            row.update(stepstats.rollout_probes(b, cfg))
         t3 = time.perf_counter()
         if self._every(cfg.eval_every) or (cfg.eval_every and self.step_num == cfg.steps):
             row.update(self.evaluate())
@@ -306,8 +332,9 @@ class Trainer:
             row["mem_peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.policy.device) / 2**30
             row["mem_peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.policy.device) / 2**30
         row = self.history.append(row)
-        self.history.append_samples(stepstats.sample_rows(b, self.policy.tokenizer, self.step_num,
-                                                          cfg.samples_per_step))
+        if not broken:
+            self.history.append_samples(stepstats.sample_rows(b, self.policy.tokenizer, self.step_num,
+                                                              cfg.samples_per_step))
         if cfg.save_every and self.step_num % cfg.save_every == 0:
             self.save_checkpoint()
         if self.consecutive_skips >= cfg.max_consecutive_skips:

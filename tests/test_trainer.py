@@ -104,13 +104,13 @@ def test_non_finite_loss_skips_the_step(tmp_path, data, monkeypatch):
     from calibrl import losses
 
     train_ds, _ = data
-    real = losses.policy_loss
+    real = losses.policy_loss_kernel  # the micro-batch loop's (unchecked) loss
 
     def nan_loss(*a, **k):
         loss, info = real(*a, **k)
         return loss * float("nan"), info
 
-    monkeypatch.setattr(losses, "policy_loss", nan_loss)
+    monkeypatch.setattr(losses, "policy_loss_kernel", nan_loss)
     policy = tiny_policy(lora=True)
     before = _lora_trainable(policy)
     hist = train(cfg_for(tmp_path, steps=1), policy=policy, train_data=train_ds)
@@ -210,9 +210,10 @@ def test_odd_grad_accum_splits_whole_prompts_and_mini_batch_norm_matches_one_pas
         seen = []
         real_loss = tr._loss
 
-        def spy(lp, b, rows, *a, _real=real_loss):
-            seen.append(sorted(set((rows // 2).tolist())))  # prompts of the micro-batch
-            return _real(lp, b, rows, *a)
+        def spy(lp, b, rows, *a, _real=real_loss, **kw):
+            if not kw.get("checked"):  # not the once-per-step validation over every row
+                seen.append(sorted(set((rows // 2).tolist())))  # prompts of the micro-batch
+            return _real(lp, b, rows, *a, **kw)
 
         tr._loss = spy
         grads[name] = _grads_of_first_step(tr)[0]
@@ -274,6 +275,37 @@ def test_non_finite_log_probs_skip_the_step_and_too_many_stop_the_run(tmp_path, 
         tr.step()
     rows = History.load(tmp_path / "calibrl-run").rows
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["consecutive_skips"] == 4
+
+
+def test_batch_validated_once_then_kernels_and_nan_old_logp_skips(tmp_path, data, monkeypatch):
+    """The checked loss runs once per RL step over every row; micro-batches call the unchecked kernel. A rollout
+    whose own old log-probs are NaN skips the step (logged) instead of crashing in validation."""
+    from calibrl import losses
+
+    train_ds, _ = data
+    calls = {"checked": 0, "kernel": 0}
+    checked, kernel = losses.calibrl_loss, losses.calibrl_loss_kernel
+    monkeypatch.setattr(losses, "calibrl_loss", lambda *a, **k: (calls.__setitem__("checked", calls["checked"] + 1),
+                                                                  checked(*a, **k))[1])
+    monkeypatch.setattr(losses, "calibrl_loss_kernel", lambda *a, **k: (calls.__setitem__("kernel", calls["kernel"] + 1),
+                                                                         kernel(*a, **k))[1])
+    tr = Trainer(cfg_for(tmp_path, "calibrl", steps=2, prompts_per_step=4, grad_accum=2), policy=tiny_policy(lora=True),
+                 train_data=train_ds)
+    row = tr.step()
+    # the checked call runs the kernel once itself; then one kernel call per micro-batch (2 per optimizer step)
+    assert calls["checked"] == 1 and calls["kernel"] == 1 + tr.cfg.opt_steps_per_rl_step * 2 and row["opt_steps"] == 2
+    import calibrl.trainer as trainer_mod
+
+    orig = trainer_mod.with_advantages
+
+    def nan_old(b, *a, **k):
+        out = orig(b, *a, **k)
+        out.old_logp[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_mod, "with_advantages", nan_old)
+    row = tr.step()
+    assert row["skip_reason"] == "non-finite old log-prob" and row["opt_steps"] == 0, row["skip_reason"]
 
 
 def test_phase_split_and_entropy_at_both_temperatures(tmp_path, data):
