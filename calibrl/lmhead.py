@@ -107,8 +107,8 @@ def head_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     temperature > 0; chunk_tokens: positions per chunk. Differentiable w.r.t. hidden, weight and bias (the entropy
     too, e.g. for an entropy bonus). A real position whose target is a suppressed id gets -inf, as in the sampler.
     """
-    V.float_tensor(hidden, "hidden", ndim=3, check_finite=False)
-    V.float_tensor(weight, "weight", ndim=2, check_finite=False)
+    V.floating(V.tensor(hidden, "hidden", ndim=3), "hidden")
+    V.floating(V.tensor(weight, "weight", ndim=2), "weight")
     n, t, hsize = hidden.shape
     vocab = weight.shape[0]
     if weight.shape[1] != hsize:
@@ -117,12 +117,13 @@ def head_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight: expected dtype {hidden.dtype} like hidden, got {weight.dtype}")
     if bias is not None:
-        V.float_tensor(bias, "bias", shape=(vocab,), like="weight rows", check_finite=False)
+        V.floating(V.tensor(bias, "bias", shape=(vocab,), like="weight rows"), "bias")
         V.same_device("bias", bias, hidden, "hidden")
     V.tensor(targets, "targets", shape=(n, t), like="hidden[..., 0]")
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"targets: expected an int64/int32 tensor of token ids, got {targets.dtype}")
-    m = V.mask(mask, "mask", (n, t), like="hidden[..., 0]", allow_empty=True).to(hidden.device)
+    V.tensor(mask, "mask", shape=(n, t), like="hidden[..., 0]")
+    m = V.mask_values(mask.to(hidden.device), "mask", allow_empty=True)
     temperature = V.number(temperature, "temperature", lo=0.0, lo_open=True)
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens: expected an int >= 1, got {chunk_tokens!r}")

@@ -167,24 +167,36 @@ def test_eval_takes_a_hub_format_dataset(tmp_path, capsys):
     assert rc == 0 and f"task=--data {path} n=2" in out and "accuracy=" in out
 
 
-def test_known_noise_silenced_only_inside_and_only_by_message(capfd):
+def test_known_noise_silenced_only_inside_and_only_by_message():
+    import io
+    import logging
     import warnings
 
     from transformers.utils import logging as hf_logging
 
     from calibrl.quiet import known_noise
 
+    # our own handler on transformers' logger: deterministic whatever stream earlier tests left transformers with
+    buf, level = io.StringIO(), hf_logging.get_verbosity()
+    handler = logging.StreamHandler(buf)
+    logging.getLogger("transformers").addHandler(handler)
+    hf_logging.set_verbosity_warning()
     log = hf_logging.get_logger("transformers.utils.generic")
     noise = "`past_key_values`/`cache_params` are deprecated. Use `cache` instead."
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        with known_noise():
-            log.warning(noise)
-            log.warning("an unrelated transformers warning")
-            warnings.warn("`past_key_values` is deprecated and will be removed", FutureWarning)
-            warnings.warn("another FutureWarning", FutureWarning)
-        warnings.warn("`past_key_values` is deprecated and will be removed", FutureWarning)  # outside: shown
-    err = capfd.readouterr().err
-    assert noise not in err and "an unrelated transformers warning" in err
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with known_noise():
+                log.warning(noise)
+                log.warning("an unrelated transformers warning")
+                warnings.warn("`past_key_values` is deprecated and will be removed", FutureWarning)
+                warnings.warn("another FutureWarning", FutureWarning)
+            warnings.warn("`past_key_values` is deprecated and will be removed", FutureWarning)  # outside: shown
+            log.warning(noise)  # outside the block the same log line is shown again
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+        hf_logging.set_verbosity(level)
+    err = buf.getvalue()
+    assert err.count(noise) == 1 and "an unrelated transformers warning" in err
     assert [str(w.message) for w in seen] == ["another FutureWarning",
                                               "`past_key_values` is deprecated and will be removed"]
