@@ -158,6 +158,20 @@ def mask_like(x: Any, name: str, ref: torch.Tensor, ref_name: str, shape: Sequen
     return x
 
 
+def expert_pair(logp: Any, expert_logp: Any, expert_mask: Any = None) -> tuple[int, int]:
+    """Structure only, shared by calibrl_loss and the gate probes: logp a 2-D float tensor; expert_logp [B,Te] with
+    logp's rows, dtype and device; expert_mask (optional) shaped like expert_logp. Returns (B, T) of logp."""
+    tensor(logp, "logp", ndim=2)
+    floating(logp, "logp")
+    B, T = logp.shape
+    float_like(expert_logp, "expert_logp", logp, "logp", ndim=2)
+    if expert_logp.shape[0] != B:
+        raise ValueError(f"expert_logp: expected {B} rows like logp, got shape {tuple(expert_logp.shape)}")
+    if expert_mask is not None:
+        mask_like(expert_mask, "expert_mask", expert_logp, "expert_logp")
+    return B, T
+
+
 def policy_args(logp, old_logp, adv, mask, clip_low, clip_high, clip_c, agg, norm_len, agg_modes) -> torch.Tensor:
     """Validate the inputs every policy loss shares (structure first, then values). Returns the bool mask."""
     tensor(logp, "logp", ndim=2)

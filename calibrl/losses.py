@@ -188,14 +188,7 @@ def calibrl_loss(logp: torch.Tensor, old_logp: torch.Tensor, expert_logp: torch.
     with a detached pi_old expert side (paper: sequence-level, pi_theta on both sides, no KL term; the sequence
     option keeps the expert side detached).
     """
-    V.tensor(logp, "logp", ndim=2)
-    V.floating(logp, "logp")
-    B, T = logp.shape
-    V.float_like(expert_logp, "expert_logp", logp, "logp", ndim=2)
-    if expert_logp.shape[0] != B:
-        raise ValueError(f"expert_logp: expected {B} rows like logp, got shape {tuple(expert_logp.shape)}")
-    if expert_mask is not None:
-        V.mask_like(expert_mask, "expert_mask", expert_logp, "expert_logp")
+    B, T = V.expert_pair(logp, expert_logp, expert_mask)
     V.mask_like(passed, "passed", logp, "logp rows", shape=(B,))
     m = V.policy_args(logp, old_logp, adv, mask, clip_low, clip_high, clip_c, agg, norm_len, AGG_MODES)
     em = None if expert_mask is None else V.mask_values(expert_mask, "expert_mask", allow_empty=True)

@@ -100,15 +100,8 @@ def gate_activation(logp: torch.Tensor, expert_logp: torch.Tensor, mask: torch.T
     (pass the rows of non-uniform groups for the contract's definition). With adv [B], also guide_weight_mean:
     mean |A| x gate weight (the effective token weight of the guidance term). Same definitions and the same code
     as calibrl_loss's info (calibrl._kernels.gate_fractions, gap in the loss's compute dtype)."""
-    V.tensor(logp, "logp", ndim=2)
-    V.floating(logp, "logp")
-    B, T = logp.shape
+    B, T = V.expert_pair(logp, expert_logp, expert_mask)
     V.mask_like(mask, "mask", logp, "logp")
-    V.float_like(expert_logp, "expert_logp", logp, "logp", ndim=2)
-    if expert_logp.shape[0] != B:
-        raise ValueError(f"expert_logp: expected {B} rows like logp, got {tuple(expert_logp.shape)}")
-    if expert_mask is not None:
-        V.mask_like(expert_mask, "expert_mask", expert_logp, "expert_logp")
     V.mask_like(passed, "passed", logp, "logp rows", shape=(B,))
     if rows is not None:
         V.mask_like(rows, "rows", logp, "logp rows", shape=(B,))
@@ -142,13 +135,8 @@ def expert_gap(logp: torch.Tensor, expert_logp: torch.Tensor, mask: torch.Tensor
     An expert longer than its tensor is fine as long as no on-policy position falls between the tensor's end and
     the expert's (there e_t is unknown: a ValueError, where it used to read as past the end). Gaps in float32
     (float64 for float64 inputs), quantiles in float64."""
-    V.tensor(logp, "logp", ndim=2)
-    V.floating(logp, "logp")
-    B, T = logp.shape
+    B, T = V.expert_pair(logp, expert_logp)
     V.mask_like(mask, "mask", logp, "logp")
-    V.float_like(expert_logp, "expert_logp", logp, "logp", ndim=2)
-    if expert_logp.shape[0] != B:
-        raise ValueError(f"expert_logp: expected {B} rows like logp, got {tuple(expert_logp.shape)}")
     V.tensor(expert_len, "expert_len", shape=(B,), like="logp rows")
     V.integer(expert_len, "expert_len")
     V.same_device("expert_len", expert_len, logp, "logp")

@@ -227,3 +227,27 @@ def test_readme_tables_are_the_shipped_study_summary():
     assert summary["n_runs"] > 0 and not missing, f"README lacks the study's table rows: {missing[:3]}"
     shipped = (root / "assets" / "study" / "summary.md").read_text(encoding="utf-8")
     assert shipped == sweep_summary.to_markdown(summary)
+
+
+def test_shipped_study_is_compact_and_tracked():
+    """Every shipped run holds only the compact files (no checkpoint, adapter or model weights), every file is
+    tracked by git (an ignore rule must not swallow it), and all shipped runs together stay within 20 MB."""
+    root = Path(__file__).resolve().parents[1]
+    study = root / "assets" / "study"
+    allowed = {"config.json", "history.jsonl", "eval.jsonl", "samples.jsonl", ".calibrl"}
+    runs = sorted(p for p in study.glob("*/s*") if p.is_dir())
+    assert runs, "no shipped run under assets/study"
+    extra = [str(f.relative_to(root)) for r in runs for f in r.rglob("*") if f.is_file() and f.name not in allowed]
+    assert not extra, f"non-compact files in shipped runs: {extra[:5]}"
+    for r in runs:
+        assert {"config.json", "history.jsonl", "eval.jsonl"} <= {f.name for f in r.iterdir()}, r
+    total = sum(f.stat().st_size for r in runs for f in r.rglob("*") if f.is_file())
+    assert total <= 20 * 2**20, f"shipped runs total {total / 2**20:.1f} MiB > 20 MiB"
+    try:
+        listed = subprocess.run(["git", "ls-files", "assets/study"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    files = [str(f.relative_to(root)) for r in runs for f in r.rglob("*") if f.is_file()]
+    untracked = [f for f in files if f not in set(listed)]
+    assert not untracked, f"shipped run files not tracked by git: {untracked[:5]}"
