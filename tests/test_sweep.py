@@ -251,3 +251,22 @@ def test_shipped_study_is_compact_and_tracked():
     files = [str(f.relative_to(root)) for r in runs for f in r.rglob("*") if f.is_file()]
     untracked = [f for f in files if f not in set(listed)]
     assert not untracked, f"shipped run files not tracked by git: {untracked[:5]}"
+
+
+def test_readme_figure_is_drawn_from_the_shipped_runs():
+    """assets/study/study.png (tools/plot_study.py) records the runs it was drawn from; they must be the shipped
+    study's finished runs, so a new seed without a redrawn figure fails here."""
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tools"))
+    try:
+        import plot_study
+    finally:
+        sys.path.pop(0)
+    spec = sweep.load_spec(root / "assets" / "study" / "spec.json")
+    summary = sweep_summary.summarize(spec, root / "assets" / "study")
+    with Image.open(root / "assets" / "study" / "study.png") as im:
+        drawn = json.loads(im.text["calibrl-runs"])
+    assert drawn == plot_study.shipped_runs(summary), "redraw it: python tools/update_readme_study.py"
+    assert "assets/study/study.png" in (root / "README.md").read_text(encoding="utf-8")

@@ -14,6 +14,7 @@ START, END = "<!-- study-tables -->", "<!-- /study-tables -->"
 
 def main() -> int:
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tools"))
     from calibrl import sweep, sweep_summary
 
     spec = sweep.load_spec(ROOT / "assets" / "study" / "spec.json")
@@ -26,6 +27,9 @@ def main() -> int:
     _, tail = rest.split(END, 1)
     (ROOT / "README.md").write_text(f"{head}{START}\n{body.strip()}\n{END}{tail}", encoding="utf-8")
     print(f"README.md: study tables from {summary['n_runs']} finished runs")
+    import plot_study  # the README figure, from the same runs
+
+    plot_study.main()
     return 0
 
 

@@ -1,0 +1,99 @@
+"""The README's study figure, assets/study/study.png, drawn from the shipped run files (matplotlib, a tool-only
+dependency). The PNG records which runs it was drawn from (text chunk "calibrl-runs"), so
+tests/test_sweep.py can tell when the figure no longer matches the shipped study.
+
+    python tools/plot_study.py            # also run by tools/update_readme_study.py
+
+Panels: token entropy and uniform-group fraction per RL step (a 10-step rolling mean per seed, then mean over
+seeds), held-out greedy accuracy and pass@k at each evaluation. Bands: 95% t-interval over seeds, clipped to the
+metric's range (calibrl.stats.metric_range); none for an arm with one seed.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "assets" / "study" / "study.png"
+PANELS = (("entropy_mean", "token entropy (nats)", 10), ("uniform_frac", "uniform-group fraction", 10),
+          ("eval_greedy_acc", "held-out greedy accuracy", 0), ("eval_pass_at_k", "held-out pass@k", 0))
+
+
+def shipped_runs(summary: dict) -> list[str]:
+    """'arm/s<seed>' of every finished run in the summary, sorted: what the figure is drawn from."""
+    return sorted(f"{arm}/s{s}" for arm, a in summary["arms"].items() for s in a["seeds_done"])
+
+
+def _series(hists, col: str, window: int):
+    """{step: [value per seed]} of one arm's histories, each seed smoothed by a trailing `window`-step mean."""
+    import pandas as pd
+
+    cols = []
+    for h in hists:
+        s = pd.Series({r["step"]: r[col] for r in h.rows if r.get(col) is not None}, dtype=float).sort_index()
+        cols.append(s.rolling(window, min_periods=1).mean() if window else s)
+    return pd.concat(cols, axis=1) if cols else None
+
+
+def main() -> int:
+    sys.path.insert(0, str(ROOT))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    from calibrl import palette, stats, sweep_summary
+
+    study = sweep_summary.load_study(ROOT / "assets" / "study")
+    arms = [a for a in study["spec"].arms if a.role == "primary" and study["histories"].get(a.name)]
+    styles, seen = {}, {}
+    for arm in arms:  # colour by method (the palette), line style by variant in spec order
+        color = palette.method_color(arm.name)
+        styles[arm.name] = (color, ("solid", "dashed", "dotted", "dashdot")[seen.get(color, 0) % 4])
+        seen[color] = seen.get(color, 0) + 1
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    for ax, (col, label, window) in zip(axes.flat, PANELS):
+        lo, hi = stats.metric_range(col)
+        for arm in arms:
+            frame = _series(study["histories"][arm.name], col, window)
+            if frame is None or frame.empty:
+                continue
+            steps = frame.index.to_numpy()
+            cis = [stats.mean_ci(list(frame.loc[s].dropna())) for s in steps]
+            mean = np.array([c["mean"] for c in cis], dtype=float)
+            color, style = styles[arm.name]
+            n = frame.shape[1]
+            ax.plot(steps, mean, color=color, ls=style, marker="o" if not window else None, ms=4,
+                    label=f"{arm.name} (n={n})")
+            if n > 1:
+                half = np.array([c["half"] if c["half"] is not None else np.nan for c in cis], dtype=float)
+                ax.fill_between(steps, np.clip(mean - half, lo, hi), np.clip(mean + half, lo, hi),
+                                color=color, alpha=0.18, lw=0)
+        k = study["spec"].base.get("pass_k")
+        ax.set_title(label.replace("pass@k", f"pass@{k}") if k else label, fontsize=11)
+        ax.set_xlabel("RL step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if hi == 1.0:
+            ax.set_ylim(0, 1)
+        else:
+            ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=max(1, len(labels)), frameon=False)
+    fig.suptitle("GRPO vs CalibRL on the embedded default: mean over seeds, 95% CI bands (shipped study)",
+                 fontsize=12)
+    runs = shipped_runs(study["summary"])
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    tmp = OUT.with_name(OUT.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png", metadata={"calibrl-runs": json.dumps(runs)})
+    tmp.replace(OUT)
+    plt.close(fig)
+    print(f"{OUT.relative_to(ROOT)}: {len(runs)} runs, primary arms {[a.name for a in arms]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
