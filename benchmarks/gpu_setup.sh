@@ -9,6 +9,11 @@
 #                                           # its CUDA 11/12, ROCm and XPU libraries (43 MB -> 8 MB), check sizes
 #   bash benchmarks/gpu_setup.sh device     # there (carry [".whl"]): pip install --target /tmp/site, check imports
 #   bash benchmarks/gpu_setup.sh bench      # there: device + the benchmark, results in $OUT (or /tmp/gpu-out)
+#   bash benchmarks/gpu_setup.sh sweep [MIN] [WORKERS]   # there: device + the study's sweep on the machine's CPU
+#                                           # cores (default 8 min, 14 workers, CUDA hidden so runs match the
+#                                           # CPU path), the finished runs exported compact to $OUT/study; copy
+#                                           # them into assets/study here and run tools/update_readme_study.py.
+#                                           # Untested on a device so far (no machine was lent since it was written).
 #
 # Then on the device, anything else runs with PYTHONPATH=/tmp/site:$PWD.
 set -euo pipefail
@@ -71,5 +76,19 @@ case "${1:-}" in
         PYTHONPATH="$SITE:$ROOT" PYTHONUNBUFFERED=1 "$PY" "$ROOT/benchmarks/bench_gpu_qlora.py" --steps 3 \
             --json "$out/gpu_qlora.json" "${@:2}" 2>&1 | tee "$out/gpu_qlora.log"
         ;;
-    *) echo "usage: $0 local|device|bench [bench_gpu_qlora.py options]" >&2; exit 2 ;;
+    sweep)
+        device_half
+        out="${OUT:-/tmp/gpu-out}"; mkdir -p "$out"
+        minutes="${2:-8}"; workers="${3:-14}"
+        rm -rf /tmp/study && cp -r "$ROOT/assets/study" /tmp/study   # shipped runs count as done
+        export PYTHONPATH="$SITE:$ROOT" CUDA_VISIBLE_DEVICES="" CALIBRL_QUIET=1 PYTHONUNBUFFERED=1
+        "$PY" -c "import calibrl.sweep, calibrl.trainer, calibrl.sweep_summary, tqdm, pandas" \
+            || { echo "error: a module the sweep needs is missing on the device (see above)" >&2; exit 1; }
+        # SIGINT at the deadline: runs in flight stop; only finished runs are exported
+        timeout --signal=INT "$((minutes * 60))" "$PY" -m calibrl sweep "$ROOT/assets/study/spec.json" \
+            --out /tmp/study --workers "$workers" 2>&1 | tr '\r' '\n' | tail -40 | tee "$out/sweep.log" || true
+        "$PY" -m calibrl sweep "$ROOT/assets/study/spec.json" --out /tmp/study --summarize-only \
+            --export "$out/study" 2>&1 | tail -3 | tee -a "$out/sweep.log"
+        ;;
+    *) echo "usage: $0 local|device|bench [bench_gpu_qlora.py options]|sweep [MIN] [WORKERS]" >&2; exit 2 ;;
 esac
