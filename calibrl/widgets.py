@@ -1,8 +1,9 @@
 """ipywidgets explorers and dashboards around `calibrl.figures` (the only module that imports ipywidgets).
 
-Every widget keeps its controls (`slider`, ...) and `plotly.graph_objects.FigureWidget`s (`fig`, ...) as attributes
-and exposes its callbacks (`set_slope`, `update`, ...), so it can be driven without a browser:
-`w = SlopeExplorer(); w.set_slope(0.3); w.fig.data[3].z`. Display one with `display(w)` or as a cell's last value.
+Every widget keeps its controls (`slider`, ...) and its `plotly.graph_objects.Figure`s (`fig`, ..., each shown by a
+`FigurePane` in `panes`) as attributes and exposes its callbacks (`set_slope`, `update`, ...), so it can be driven
+without a browser: `w = SlopeExplorer(); w.set_slope(0.3); w.fig.data[3].z`. Display one with `display(w)` or as a
+cell's last value.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import ipywidgets as W
 import numpy as np
 import plotly.graph_objects as go
+import plotly.io as pio
 
 from calibrl import figures as F
 from calibrl import history
@@ -27,9 +29,9 @@ DASHBOARD_METRICS = ("reward_mean", "acc_mean", "entropy_mean", "entropy_passed"
 """Metrics offered by the training dashboard's dropdown (contract names)."""
 
 
-def sync_figure(widget: go.FigureWidget, fig: go.Figure) -> None:
-    """Make `widget` show `fig`: traces updated in place when the trace layout is unchanged (the browser only gets
-    the changed arrays), otherwise replaced; the layout follows."""
+def sync_figure(widget: go.Figure, fig: go.Figure) -> None:
+    """Make the figure `widget` (a go.Figure or FigureWidget) equal `fig`, in place: traces updated when the trace
+    layout is unchanged, otherwise replaced; the layout follows."""
     same = len(widget.data) == len(fig.data) and all(a.type == b.type for a, b in zip(widget.data, fig.data))
     if same:
         with widget.batch_update():
@@ -45,11 +47,59 @@ def sync_figure(widget: go.FigureWidget, fig: go.Figure) -> None:
         widget.layout = fig.layout
 
 
+def _mimebundle(fig: go.Figure) -> dict:
+    """What `display(fig)` would show: the renderers of `calibrl.notebook.setup()` (plotly's mimetype in JupyterLab
+    and VS Code, HTML on Colab), or plotly's mimetype alone where no renderer is set (plain Python)."""
+    bundle = fig._repr_mimebundle_()
+    return bundle or pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())
+
+
+class FigurePane:
+    """A plotly figure shown in an `ipywidgets.Output`, redrawn whole by `show(fig)`.
+
+    Not a `go.FigureWidget`: plotly 7's FigureWidget is an anywidget that sends its ~5 MB JavaScript bundle with every
+    figure, and anywidget 0.11 gives a model 2 s to load it; past that the model drops every message from the
+    kernel, so on a busy machine the figure stays blank and never follows its sliders (tests/test_browser.py saw
+    this in 6 of 7 JupyterLab runs on the shared 2-core machine). An Output needs no widget JavaScript beyond
+    ipywidgets' own: the notebook's plotly renderer draws the figure.
+    `figure`: the go.Figure shown, updated in place; `widget`: the Output (its minimum height is the figure's, so
+    a redraw does not make the page jump)."""
+
+    def __init__(self, fig: go.Figure):
+        if not isinstance(fig, go.Figure):
+            raise ValueError(f"fig: expected a plotly go.Figure, got {type(fig).__name__}")
+        self.figure = go.Figure(fig)
+        self.widget = W.Output()
+        self.draw()
+
+    def show(self, fig: go.Figure) -> None:
+        """Make `figure` equal `fig` and redraw it."""
+        sync_figure(self.figure, fig)
+        self.draw()
+
+    def draw(self) -> None:
+        height = self.figure.layout.height
+        self.widget.layout.min_height = f"{int(height)}px" if height else None
+        self.widget.outputs = ({"output_type": "display_data", "data": _mimebundle(self.figure), "metadata": {}},)
+
+
 class _Widget:
     widget: W.Widget
+    panes: dict[str, FigurePane]
 
     def _repr_mimebundle_(self, **kwargs: Any):
         return self.widget._repr_mimebundle_(**kwargs)
+
+    def _pane(self, name: str, fig: go.Figure) -> W.Output:
+        """Show `fig` in a new pane; attribute `name` is the figure it keeps current. Returns the pane's Output."""
+        if not hasattr(self, "panes"):
+            self.panes = {}
+        self.panes[name] = FigurePane(fig)
+        setattr(self, name, self.panes[name].figure)
+        return self.panes[name].widget
+
+    def _show(self, name: str, fig: go.Figure) -> None:
+        self.panes[name].show(fig)
 
 
 def demo_batch(rows: int = 6, tokens: int = 12, seed: int = 0) -> dict[str, np.ndarray]:
@@ -96,14 +146,14 @@ class SlopeExplorer(_Widget):
         self.adv_slider = W.FloatSlider(value=abs_adv, min=0.0, max=1.0, step=0.05, description="|A| (gate)", **_LABELS)
         self.coef_slider = W.FloatSlider(value=guide_coef, min=0.0, max=1.0, step=0.05, description="λ guide", **_LABELS)
         self.weight_toggle = W.ToggleButtons(options=["abs-adv", "none"], value=weight, description="weight", **_LABELS)
-        self.fig_gate = go.FigureWidget(F.fig_gate(slope, abs_adv=abs_adv))
-        self.fig_weights = go.FigureWidget(F.fig_token_weights(**self._args(slope)))
-        self.fig_grad = go.FigureWidget(F.fig_grad_weights(**self._args(slope, guide_coef, weight)))
+        panes = [self._pane("fig_gate", F.fig_gate(slope, abs_adv=abs_adv)),
+                 self._pane("fig_weights", F.fig_token_weights(**self._args(slope))),
+                 self._pane("fig_grad", F.fig_grad_weights(**self._args(slope, guide_coef, weight)))]
         self.fig = self.fig_weights
         for control in (self.slider, self.adv_slider, self.coef_slider, self.weight_toggle):
             control.observe(self.update, names="value")
         self.widget = W.VBox([W.HBox([self.slider, self.adv_slider]), W.HBox([self.coef_slider, self.weight_toggle]),
-                              self.fig_gate, self.fig_weights, self.fig_grad])
+                              *panes])
 
     def _args(self, slope: float, guide_coef: float | None = None, weight: str | None = None) -> dict:
         b = self.batch
@@ -137,9 +187,9 @@ class SlopeExplorer(_Widget):
     def update(self, change: Any = None) -> None:
         """Recompute all three figures from the controls and update their traces in place."""
         s, coef, weight = self.slope, float(self.coef_slider.value), self.weight_toggle.value
-        sync_figure(self.fig_gate, F.fig_gate(s, abs_adv=float(self.adv_slider.value)))
-        sync_figure(self.fig_weights, F.fig_token_weights(**self._args(s)))
-        sync_figure(self.fig_grad, F.fig_grad_weights(**self._args(s, coef, weight)))
+        self._show("fig_gate", F.fig_gate(s, abs_adv=float(self.adv_slider.value)))
+        self._show("fig_weights", F.fig_token_weights(**self._args(s)))
+        self._show("fig_grad", F.fig_grad_weights(**self._args(s, coef, weight)))
 
 
 class RarityExplorer(_Widget):
@@ -158,11 +208,11 @@ class RarityExplorer(_Widget):
         self.k_slider = W.IntSlider(value=passes, min=0, max=group_size, description="passes k", **_LABELS)
         self.scale_toggle = W.ToggleButtons(options=["none", "group"], value=scale, description="scale", **_LABELS)
         self.advantages, self.passed = self.compute(group_size, passes, scale)
-        self.fig = go.FigureWidget(self._figure())
+        pane = self._pane("fig", self._figure())
         self.g_slider.observe(self._on_group_size, names="value")
         self.k_slider.observe(self.update, names="value")
         self.scale_toggle.observe(self.update, names="value")
-        self.widget = W.VBox([W.HBox([self.g_slider, self.k_slider, self.scale_toggle]), self.fig])
+        self.widget = W.VBox([W.HBox([self.g_slider, self.k_slider, self.scale_toggle]), pane])
 
     @staticmethod
     def compute(group_size: int, passes: int, scale: str = "none"):
@@ -201,7 +251,7 @@ class RarityExplorer(_Widget):
         """Recompute the advantages for the current G, k, scale and update the figure in place."""
         self.advantages, self.passed = self.compute(int(self.g_slider.value), int(self.k_slider.value),
                                                     self.scale_toggle.value)
-        sync_figure(self.fig, self._figure())
+        self._show("fig", self._figure())
 
 
 def _placeholder(title: str) -> go.Figure:
@@ -223,13 +273,12 @@ class TrainingDashboard(_Widget):
         self.metric_dropdown = W.Dropdown(options=options, value=metric, description="metric", **_LABELS)
         self.step_slider = W.IntSlider(value=0, min=0, max=0, description="sample step", **_LABELS)
         self.status = W.HTML()
-        self.fig = go.FigureWidget(_placeholder("waiting for the first step"))
-        self.fig_entropy = go.FigureWidget(_placeholder("no sampled responses yet"))
-        self.fig_gate = go.FigureWidget(_placeholder("no gate activation yet"))
+        curves = self._pane("fig", _placeholder("waiting for the first step"))
+        entropy = self._pane("fig_entropy", _placeholder("no sampled responses yet"))
+        gate = self._pane("fig_gate", _placeholder("no gate activation yet"))
         self.metric_dropdown.observe(lambda _: self.refresh_curves(), names="value")
         self.step_slider.observe(lambda _: self.refresh_entropy(), names="value")
-        self.widget = W.VBox([W.HBox([self.metric_dropdown, self.status]), self.fig, self.step_slider,
-                              self.fig_entropy, self.fig_gate])
+        self.widget = W.VBox([W.HBox([self.metric_dropdown, self.status]), curves, self.step_slider, entropy, gate])
         self.refresh()
 
     @classmethod
@@ -278,7 +327,7 @@ class TrainingDashboard(_Widget):
                 self.step_slider.value = steps[-1]
         self.refresh_entropy()
         try:
-            sync_figure(self.fig_gate, F.fig_gate_branches(self.rows))
+            self._show("fig_gate", F.fig_gate_branches(self.rows))
         except ValueError:
             pass  # no CalibRL gate values yet: keep the placeholder
         last = self.rows[-1] if self.rows else {}
@@ -288,16 +337,16 @@ class TrainingDashboard(_Widget):
     def refresh_curves(self) -> None:
         metric = self.metric_dropdown.value
         try:
-            sync_figure(self.fig, F.fig_curves(self.rows, metric))
+            self._show("fig", F.fig_curves(self.rows, metric))
         except ValueError as err:
-            sync_figure(self.fig, _placeholder(f"{metric}: {err}" if self.rows else "waiting for the first step"))
+            self._show("fig", _placeholder(f"{metric}: {err}" if self.rows else "waiting for the first step"))
 
     def refresh_entropy(self) -> None:
         steps = {r["step"] for r in self.samples}
         if not steps:
             return
         step = self.step_slider.value if self.step_slider.value in steps else max(steps)
-        sync_figure(self.fig_entropy, F.fig_entropy_heatmap(self.samples, step=step))
+        self._show("fig_entropy", F.fig_entropy_heatmap(self.samples, step=step))
 
 
 def load_eval_rows(path: str | Path, step: int | str | None = None) -> list[dict]:
@@ -326,9 +375,9 @@ class CalibrationView(_Widget):
         self.runs = {str(k): list(v) for k, v in runs.items()}
         self.select = W.SelectMultiple(options=list(self.runs), value=tuple(self.runs), description="runs", **_LABELS,
                                        rows=min(6, len(self.runs)))
-        self.fig = go.FigureWidget(F.fig_calibration(self.runs))
+        pane = self._pane("fig", F.fig_calibration(self.runs))
         self.select.observe(self.update, names="value")
-        self.widget = W.VBox([self.select, self.fig])
+        self.widget = W.VBox([self.select, pane])
 
     @classmethod
     def from_files(cls, paths: Mapping[str, str | Path], step: int | str | None = "last") -> "CalibrationView":
@@ -343,4 +392,4 @@ class CalibrationView(_Widget):
 
     def update(self, change: Any = None) -> None:
         chosen = self.select.value or tuple(self.runs)
-        sync_figure(self.fig, F.fig_calibration({k: self.runs[k] for k in chosen}))
+        self._show("fig", F.fig_calibration({k: self.runs[k] for k in chosen}))

@@ -1,4 +1,5 @@
-"""calibrl.widgets driven without a browser: the callbacks update the FigureWidget traces as the formulas say."""
+"""calibrl.widgets driven without a browser: the callbacks update the figures as the formulas say, and each figure's
+Output pane holds what it shows."""
 import numpy as np
 import pytest
 
@@ -141,3 +142,27 @@ def test_control_labels_not_cut_off():
     r, s = Wd.RarityExplorer(), Wd.SlopeExplorer()
     for control in (r.g_slider, r.k_slider, s.slider, s.adv_slider, s.coef_slider):
         assert control.style.description_width == "initial", control.description
+
+
+def test_panes_show_the_current_figure_in_an_output():
+    """What the browser gets: each pane's Output holds one plotly mimebundle equal to the figure after every update
+    (no FigureWidget: tests/test_browser.py and calibrl.widgets.FigurePane say why)."""
+    import ipywidgets
+    import plotly.graph_objects as go
+
+    w = Wd.SlopeExplorer()
+    assert set(w.panes) == {"fig_gate", "fig_weights", "fig_grad"} and w.panes["fig_weights"].figure is w.fig
+    assert not any(isinstance(c, go.FigureWidget) for c in w.widget.children)
+    for slope in (0.5, 0.15):
+        w.set_slope(slope)
+        for name, pane in w.panes.items():
+            assert isinstance(pane.widget, ipywidgets.Output) and len(pane.widget.outputs) == 1, name
+            shown = pane.widget.outputs[0]["data"]["application/vnd.plotly.v1+json"]
+            assert len(shown["data"]) == len(getattr(w, name).data), name
+            assert pane.widget.layout.min_height == f"{getattr(w, name).layout.height}px", name
+        z = w.panes["fig_weights"].widget.outputs[0]["data"]["application/vnd.plotly.v1+json"]["data"][3]["z"]
+        z = np.array([[np.nan if v is None else v for v in row] for row in z], dtype=float)
+        np.testing.assert_allclose(z, _z(w.fig.data[3]))
+        assert sorted(set(z[~np.isnan(z)].round(6))) == [slope, 1.0]
+    with pytest.raises(ValueError, match="fig"):
+        Wd.FigurePane({"data": []})
