@@ -4,11 +4,13 @@ log-probs, each in its own fresh subprocess, side by side in one run.
 
     python benchmarks/bench_chunked_logprobs.py [--group-size 4] [--new-tokens 512] [--image-size 448]
                                                 [--vision-depth 2] [--threads 1] [--forward shared|plain]
-                                                [--json FILE]
+                                                [--dtype float32|bfloat16] [--json FILE]
 
 Model: benchmarks/qwen25vl3b_config.py with num_hidden_layers = 2 and the vision tower cut to `--vision-depth`
-blocks (one of them full-attention), random init, float32 (the CPU default), LoRA r = 16 on the language model's
-q/k/v/o/gate/up/down (calibrl.trainer.lora_config); the tied embedding / LM head stays frozen, as under LoRA.
+blocks (one of them full-attention), random init, LoRA r = 16 on the language model's q/k/v/o/gate/up/down
+(calibrl.trainer.lora_config); the tied embedding / LM head stays frozen, as under LoRA. `--dtype` is the dtype of
+the frozen base weights: float32 (the CPU default of calibrl.models.load_policy) or bfloat16 (its CUDA default);
+the LoRA adapters are float32 either way (peft's autocast_adapter_dtype, as in load_policy).
 Step: 1 prompt (one `--image-size` square image) x G rows of `--new-tokens` response tokens each (random ids, no
 suppressed id, ragged: the last row ends early), the teacher-forced decoder forward (`--forward shared`, default:
 the trainer's shared-prompt path for Qwen2.5-VL, calibrl.prefix; `plain`: one forward per row), then the response
@@ -173,7 +175,8 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=448)
     ap.add_argument("--vision-depth", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model weights")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="frozen base weights (LoRA stays float32)")
     ap.add_argument("--forward", choices=("shared", "plain"), default="shared",
                     help="decoder forward shared by both paths: the trainer's shared-prompt path or one per row")
     ap.add_argument("--json", default=None)

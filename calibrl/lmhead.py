@@ -5,9 +5,12 @@ time, so neither the forward nor the backward ever holds a [B,T,V] tensor (V = 1
 `calibrl.rollout.token_logprobs(hidden @ weight.T + bias, targets, mask, ...)` (the sampler's distribution: float32
 logits, suppressed ids at -inf, divided by temperature, log_softmax) in value and in gradient. It runs a custom
 autograd function over the real (mask = 1) positions only: the forward keeps only its inputs and the [M] entropy,
-and the backward recomputes each chunk's logits and log-softmax (one extra LM-head matmul per chunk), so the extra
-memory is a few chunk x V float32 tensors whatever B x T is (about 4 x chunk_tokens x V x 4 bytes: 0.6 GB at 256
-positions and V = 151,936).
+and the backward recomputes each chunk's logits and log-softmax (one extra LM-head matmul per chunk), writing the
+gradient of the logits over the chunk's own logits buffer. The log-softmax and what is built from it run on blocks of
+SOFTMAX_ROWS rows of the chunk, so the extra memory is one chunk_tokens x V float32 tensor plus at most three
+SOFTMAX_ROWS x V scratch buffers (allocated once per call) whatever B x T is (about 0.21 GB at 256 positions, 32
+rows and V = 151,936; the matmul of a bf16 head adds a transient bf16 copy of the chunk). The values are those of a whole-chunk log-softmax: it is
+computed row by row either way.
 
 Precision: the logits matmul runs in the dtype of `hidden`/`weight` (as the model's own lm_head does, so bf16
 models reproduce the sampler's logits), everything after it in float32. Gradients: w.r.t. hidden always when it
@@ -23,12 +26,15 @@ import torch
 from calibrl import _validate as V
 
 DEFAULT_CHUNK_TOKENS = 256
-"""Positions per LM-head chunk: a [256, 151936] float32 tensor is 156 MB."""
+"""Positions per LM-head chunk (one logits matmul): a [256, 151936] float32 tensor is 156 MB."""
+SOFTMAX_ROWS = 32
+"""Rows per log-softmax block inside a chunk: its temporaries are [32, V] (19 MB each at V = 151,936)."""
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sup: torch.Tensor | None,
                   temperature: float) -> torch.Tensor:
-    """Sampler logits [n,V] in float32 of n hidden rows: (h W^T + b).float(), suppressed ids -inf, / temperature."""
+    """Sampler logits [n,V] in float32 of n hidden rows: (h W^T + b).float(), suppressed ids -inf, / temperature.
+    A fresh tensor (the caller may overwrite it)."""
     z = h @ weight.T
     if bias is not None:
         z = z + bias
@@ -36,8 +42,22 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if sup is not None:
         z.index_fill_(-1, sup, float("-inf"))
     if temperature != 1.0:
-        z = z / temperature
+        z.div_(temperature)
     return z
+
+
+def _row_blocks(z: torch.Tensor, start: int, buf: torch.Tensor):
+    """(global row index, log_softmax of SOFTMAX_ROWS rows of the chunk z [n,V]) block by block, written into `buf`
+    [SOFTMAX_ROWS,V] (allocated once per call: fresh [32,V] temporaries per block fragment the CPU heap, which then
+    keeps ~19 MB per block resident). The caller may overwrite the block's rows of z once it has its log-softmax."""
+    for b in range(0, z.shape[0], SOFTMAX_ROWS):
+        zb = z[b:b + SOFTMAX_ROWS]
+        yield start + b, torch.log_softmax(zb, -1, out=buf[:zb.shape[0]])
+
+
+def _block_buffers(h: torch.Tensor, vocab: int, k: int) -> list[torch.Tensor]:
+    """k float32 [min(SOFTMAX_ROWS, M), V] scratch buffers for the per-block log-softmax and what is built from it."""
+    return [torch.empty(min(SOFTMAX_ROWS, h.shape[0]), vocab, dtype=torch.float32, device=h.device) for _ in range(k)]
 
 
 class _HeadLogprobs(torch.autograd.Function):
@@ -47,13 +67,16 @@ class _HeadLogprobs(torch.autograd.Function):
     def forward(ctx, h, weight, bias, targets, sup, temperature, chunk, want_entropy):
         logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         ent = torch.zeros_like(logp)
+        bufs = _block_buffers(h, weight.shape[0], 2 if want_entropy else 1)
         for s in range(0, h.shape[0], chunk):
-            lp_all = torch.log_softmax(_chunk_logits(h[s:s + chunk], weight, bias, sup, temperature), -1)  # [n,V]
-            logp[s:s + chunk] = lp_all.gather(-1, targets[s:s + chunk, None]).squeeze(-1)
-            if want_entropy:  # -sum p log p; suppressed ids (p = 0, log p = -inf) contribute 0
-                p = lp_all.exp()
-                ent[s:s + chunk] = -p.mul_(lp_all.nan_to_num_(neginf=0.0)).sum(-1)
-            del lp_all
+            z = _chunk_logits(h[s:s + chunk], weight, bias, sup, temperature)             # [n,V], the one chunk
+            for r, lp_all in _row_blocks(z, s, bufs[0]):                                  # [<=32,V] log-softmax
+                e = r + lp_all.shape[0]
+                logp[r:e] = lp_all.gather(-1, targets[r:e, None]).squeeze(-1)
+                if want_entropy:  # -sum p log p; suppressed ids (p = 0, log p = -inf) contribute 0
+                    p = torch.exp(lp_all, out=bufs[1][:e - r])
+                    ent[r:e] = -p.mul_(lp_all.nan_to_num_(neginf=0.0)).sum(-1)
+            del z
         ctx.save_for_backward(h, weight, bias, targets, sup, ent)
         ctx.cfg = (temperature, chunk, want_entropy)
         if not want_entropy:
@@ -69,16 +92,19 @@ class _HeadLogprobs(torch.autograd.Function):
         g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         g_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         use_ent = want_entropy and g_ent is not None
+        bufs = _block_buffers(h, weight.shape[0], 2)
         for s in range(0, h.shape[0], chunk):
             hc = h[s:s + chunk]
-            logp_all = torch.log_softmax(_chunk_logits(hc, weight, bias, sup, temperature), -1)  # [n,V] recomputed
-            p = logp_all.exp()
-            # d logp_y / dz_j = 1[j = y] - p_j ;  d H / dz_j = -p_j (log p_j + H)
-            gz = p * (-g_logp[s:s + chunk, None])
-            if use_ent:
-                lp_f = logp_all.nan_to_num_(neginf=0.0).add_(ent[s:s + chunk, None]).mul_(p)
-                gz.sub_(lp_f.mul_(g_ent[s:s + chunk, None]))
-            del p, logp_all
+            gz = _chunk_logits(hc, weight, bias, sup, temperature)  # [n,V] logits recomputed; overwritten by dL/dz
+            for r, logp_all in _row_blocks(gz, s, bufs[0]):
+                e = r + logp_all.shape[0]
+                p = torch.exp(logp_all, out=bufs[1][:e - r])
+                # d logp_y / dz_j = 1[j = y] - p_j ;  d H / dz_j = -p_j (log p_j + H)
+                torch.mul(p, -g_logp[r:e, None], out=gz[r - s:e - s])
+                if use_ent:
+                    lp_f = logp_all.nan_to_num_(neginf=0.0).add_(ent[r:e, None]).mul_(p)
+                    gz[r - s:e - s].sub_(lp_f.mul_(g_ent[r:e, None]))
+                del p, logp_all
             gz.scatter_add_(-1, targets[s:s + chunk, None], g_logp[s:s + chunk, None].float())
             if sup is not None:  # index_fill(-inf) passes no gradient to the suppressed logits
                 gz.index_fill_(-1, sup, 0.0)
@@ -90,6 +116,7 @@ class _HeadLogprobs(torch.autograd.Function):
                 g_w.addmm_(gz.T, hc.float())
             if need_b:
                 g_b += gz.sum(0)
+            del gz
         return (g_h, None if g_w is None else g_w.to(weight.dtype), None if g_b is None else g_b.to(bias.dtype),
                 None, None, None, None, None)
 

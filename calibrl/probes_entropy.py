@@ -1,6 +1,7 @@
-"""Per-token entropy probes: from logits (chunked) and straight from hidden states + the LM head (chunked, never
-a full [B,T,V] logits tensor). Both compute the softmax in float32, treat -inf logits (suppressed ids) as
-probability 0, and raise a ValueError on NaN/+inf instead of reading a diverged model as entropy 0.
+"""Per-token entropy probes: from logits (chunked) and straight from hidden states + the LM head (never a full
+[B,T,V] logits tensor: `entropy_from_hidden` validates and runs the training forward's chunked LM head,
+calibrl.lmhead). Both compute the softmax in float32, treat -inf logits (suppressed ids) as probability 0, and raise
+a ValueError on NaN/+inf instead of reading a diverged model as entropy 0.
 Re-exported by calibrl.probes."""
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 from calibrl import _validate as V
+from calibrl import lmhead
 
 
 # ------------------------------------------------------------------------------------------------ entropy
@@ -62,8 +64,9 @@ def entropy_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, *, b
                         mask: Optional[torch.Tensor] = None, chunk_size: int = 256, temperature: float = 1.0,
                         suppress_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Token entropy straight from final hidden states and the LM-head weight, `chunk_size` positions at a time,
-    so a large-vocabulary model (e.g. V = 151,936) never holds a full [B,T,V] logits tensor: the peak extra
-    memory is about 3 x chunk_size x V x 4 bytes.
+    so a large-vocabulary model (e.g. V = 151,936) never holds a full [B,T,V] logits tensor: it runs
+    calibrl.lmhead's chunked head, whose extra memory is one chunk_size x V float32 chunk plus a few
+    [SOFTMAX_ROWS, V] temporaries.
 
     hidden [B,T,H] or [N,H]; lm_head_weight [V,H] (same device; its dtype may differ from hidden's); bias [V]
     (any float dtype; added in float32) or None; mask like hidden[..., 0] (only those positions are computed,
@@ -101,29 +104,24 @@ def entropy_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, *, b
                 bool(((sup < 0) | (sup >= n_vocab)).any()):
             raise ValueError(f"suppress_ids: expected integer vocabulary ids in [0, {n_vocab}), got {suppress_ids!r}")
         sup = sup.long()
+    if sup is not None and int(sup.unique().numel()) >= n_vocab:
+        raise ValueError(f"suppress_ids: expected fewer than V = {n_vocab} distinct ids, got all of them")
     m = None if mask is None else V.mask_values(mask, "mask", allow_empty=True)
-    h = hidden.detach().reshape(-1, hidden.shape[-1])
-    idx = torch.arange(h.shape[0], device=h.device) if m is None else m.reshape(-1).nonzero().squeeze(-1)
-    V.finite(h[idx], "hidden")                                            # +-inf would pass as -inf logits
+    h = hidden.detach().reshape(1, -1, hidden.shape[-1])                   # [1,N,H]
+    m = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if m is None else m.reshape(1, -1)
+    V.finite(h[m], "hidden")                                              # +-inf would pass as -inf logits
     V.finite(lm_head_weight, "lm_head_weight")
     if bias is not None:
         V.finite(bias, "bias")
-    out = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
     mt = torch.promote_types(h.dtype, lm_head_weight.dtype)              # matmul dtype: never below either input
     mt = torch.float32 if mt == torch.float16 else mt                     # fp16 logits overflow at 65504
-    w = lm_head_weight.detach().to(mt)                                    # a no-op unless the head is narrower
-    for i in range(0, idx.numel(), chunk_size):
-        rows = idx[i:i + chunk_size]
-        z = h[rows].to(mt) @ w.T                                          # [n,V] one chunk of logits
-        z = z.to(torch.float64 if mt == torch.float64 else torch.float32)
-        if bias is not None:
-            z = z + bias.detach().to(z.dtype)
-        if temperature != 1.0:
-            z = z / temperature
-        if sup is not None:
-            z[:, sup] = float("-inf")
-        out[rows] = _entropy_rows(z, inplace=True).float()
-        del z
+    # the chunked LM head of the training forward: logits (h W^T in mt) + bias in float32 (or float64), then the
+    # sampler's float32 log-softmax; its entropy (no log-probs needed: the targets are a placeholder)
+    b = None if bias is None else bias.detach().to(torch.float64 if mt == torch.float64 else torch.float32)
+    placeholder = torch.zeros(m.shape, dtype=torch.long, device=h.device)
+    _, out = lmhead.head_token_logprobs(h.to(mt), lm_head_weight.detach().to(mt), placeholder, m, bias=b,
+                                        suppress_token_ids=[] if sup is None else sup.tolist(),
+                                        temperature=temperature, return_entropy=True, chunk_tokens=chunk_size)
     if not bool(torch.isfinite(out).all()):
         raise ValueError(f"hidden: the logits hidden @ lm_head_weight.T overflow in {mt}; expected finite logits")
     return out.reshape(lead)

@@ -2,15 +2,14 @@
 calibrl.rollout.token_logprobs) in value and gradient, and never keep a [N,T,V] tensor for the backward."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from calibrl.lmhead import head_token_logprobs, output_head
 from calibrl.logprobs import token_logprobs
+from calibrl.tiny import tiny_path
 
-ASSET = Path(__file__).resolve().parents[1] / "assets" / "tiny-qwen2.5-vl"
+ASSET = tiny_path()
 
 
 def full_path(hidden, weight, targets, mask, bias=None, **kw):
@@ -94,6 +93,23 @@ def test_full_qwen_vocabulary_random_head():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     sup = [151_643, 151_655, 151_656, 3, 7]
     compare(hidden, weight, targets, mask, bias=bias, suppress_token_ids=sup, temperature=1.3, chunk_tokens=4)
+
+
+def test_softmax_row_blocks_inside_chunks():
+    """Chunks longer than SOFTMAX_ROWS (full and partial row blocks, a short last chunk): values and gradients equal
+    the full path, with entropy, a bias, suppressed ids and a temperature."""
+    from calibrl.lmhead import SOFTMAX_ROWS
+
+    gen = torch.Generator().manual_seed(7)
+    n, t, hsize, vocab = 3, 40, 16, 700
+    hidden = torch.randn(n, t, hsize, generator=gen)
+    weight = (torch.randn(vocab, hsize, generator=gen) * 0.5).requires_grad_(True)
+    bias = torch.randn(vocab, generator=gen) * 0.1
+    targets = torch.randint(0, vocab, (n, t), generator=gen)
+    mask = torch.arange(t)[None] < torch.tensor([t, t - 3, t - 10])[:, None]       # M = 107 real positions
+    chunk = SOFTMAX_ROWS + SOFTMAX_ROWS // 2 + 3                                      # 51: blocks of 32 and 19
+    assert int(mask.sum()) % chunk and int(mask.sum()) > 2 * chunk
+    compare(hidden, weight, targets, mask, bias=bias, suppress_token_ids=[2, 5], temperature=0.8, chunk_tokens=chunk)
 
 
 def test_masked_positions_are_zero_never_nan():
