@@ -6,7 +6,7 @@ tests/test_sweep.py can tell when the figure no longer matches the shipped study
 
 Panels: token entropy and uniform-group fraction per RL step (a 10-step rolling mean per seed, then mean over
 seeds), held-out greedy accuracy and pass@k at each evaluation. Bands: 95% t-interval over seeds, clipped to the
-metric's range (calibrl.stats.metric_range); none for an arm with one seed.
+metric's range (calibrl.stats.metric_range), for arms with >= 3 seeds.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "assets" / "study" / "study.png"
+MIN_BAND_SEEDS = 3  # a 2-seed t-interval (x 12.7 the spread) would hide every curve
 PANELS = (("entropy_mean", "token entropy (nats)", 10), ("uniform_frac", "uniform-group fraction", 10),
           ("eval_greedy_acc", "held-out greedy accuracy", 0), ("eval_pass_at_k", "held-out pass@k", 0))
 
@@ -57,6 +58,7 @@ def main() -> int:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     for ax, (col, label, window) in zip(axes.flat, PANELS):
         lo, hi = stats.metric_range(col)
+        top = 0.0
         for arm in arms:
             frame = _series(study["histories"][arm.name], col, window)
             if frame is None or frame.empty:
@@ -68,18 +70,19 @@ def main() -> int:
             n = frame.shape[1]
             ax.plot(steps, mean, color=color, ls=style, marker="o" if not window else None, ms=4,
                     label=f"{arm.name} (n={n})")
-            if n > 1:
+            top = max(top, float(np.nanmax(mean)))
+            if n >= MIN_BAND_SEEDS:
                 half = np.array([c["half"] if c["half"] is not None else np.nan for c in cis], dtype=float)
                 ax.fill_between(steps, np.clip(mean - half, lo, hi), np.clip(mean + half, lo, hi),
-                                color=color, alpha=0.18, lw=0)
+                                color=color, alpha=0.12, lw=0)
         k = study["spec"].base.get("pass_k")
         ax.set_title(label.replace("pass@k", f"pass@{k}") if k else label, fontsize=11)
         ax.set_xlabel("RL step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if hi == 1.0:
             ax.set_ylim(0, 1)
-        else:
-            ax.set_ylim(bottom=0)
+        else:  # the means stay in view; a wide band may run off the top
+            ax.set_ylim(0, 1.5 * top if top > 0 else None)
         ax.grid(alpha=0.3)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=max(1, len(labels)), frameon=False)
