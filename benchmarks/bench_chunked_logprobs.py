@@ -4,13 +4,16 @@ log-probs, each in its own fresh subprocess, side by side in one run.
 
     python benchmarks/bench_chunked_logprobs.py [--group-size 4] [--new-tokens 512] [--image-size 448]
                                                 [--vision-depth 2] [--threads 1] [--forward shared|plain]
-                                                [--dtype float32|bfloat16] [--json FILE]
+                                                [--dtype float32|bfloat16] [--checkpointing 0|1]
+                                                [--breakdown 0|1] [--json FILE]
 
 Model: benchmarks/qwen25vl3b_config.py with num_hidden_layers = 2 and the vision tower cut to `--vision-depth`
 blocks (one of them full-attention), random init, LoRA r = 16 on the language model's q/k/v/o/gate/up/down
 (calibrl.trainer.lora_config); the tied embedding / LM head stays frozen, as under LoRA. `--dtype` is the dtype of
 the frozen base weights: float32 (the CPU default of calibrl.models.load_policy) or bfloat16 (its CUDA default);
-the LoRA adapters are float32 either way (peft's autocast_adapter_dtype, as in load_policy).
+the LoRA adapters are float32 either way (peft's autocast_adapter_dtype, as in load_policy). `--checkpointing 1`
+turns on gradient checkpointing as load_policy does (the default with 4-bit weights, where the trainer takes the
+plain forward since the shared prompt needs the KV cache): `--forward plain` only.
 Step: 1 prompt (one `--image-size` square image) x G rows of `--new-tokens` response tokens each (random ids, no
 suppressed id, ragged: the last row ends early), the teacher-forced decoder forward (`--forward shared`, default:
 the trainer's shared-prompt path for Qwen2.5-VL, calibrl.prefix; `plain`: one forward per row), then the response
@@ -26,6 +29,7 @@ Each child also reports the loss and the LoRA gradient norm, so the parent check
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -53,7 +57,8 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def build(vision_depth: int, image_size: int, group_size: int, new_tokens: int, dtype: str = "float32"):
+def build(vision_depth: int, image_size: int, group_size: int, new_tokens: int, dtype: str = "float32",
+          checkpointing: bool = False):
     """(LoRA model, inputs dict of the plain forward, response ids [G,T], mask [G,T], suppressed ids)."""
     import torch
     from peft import get_peft_model
@@ -75,6 +80,9 @@ def build(vision_depth: int, image_size: int, group_size: int, new_tokens: int, 
     cfg.vision_config.fullatt_block_indexes = [vision_depth - 1]
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(cfg).to(getattr(torch, dtype))
+    if checkpointing:  # as calibrl.models.load_policy
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model = get_peft_model(model, lora_config(TrainConfig()))
     model.train(True)
 
@@ -128,6 +136,62 @@ def response_hidden(model, inputs, comp, mask, forward: str):
     return inner(**kw, use_cache=False).last_hidden_state[:, -(t + 1):-1]
 
 
+class Breakdown:
+    """`--breakdown 1`: where the step's memory goes. Per phase (decoder forward, LM-head forward, LM-head backward,
+    decoder backward): the peak RSS within it (the watermark is reset at each boundary; the step's peak is the
+    largest) and the RSS at its end; the bytes of the distinct non-parameter storages saved for the backward, by
+    part; after the decoder forward, the free bytes glibc's main heap keeps resident (mallinfo2: memory freed by
+    the forward that the allocator has not returned to the OS)."""
+
+    def __init__(self, model):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.saved: dict[str, dict[int, int]] = {}
+        self.phases: list[dict] = []
+        self.heap_free_mib = None
+
+    @contextlib.contextmanager
+    def saving(self, part: str):
+        import torch
+
+        seen = self.saved.setdefault(part, {})
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in self.params:
+                seen.setdefault(st.data_ptr(), st.nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+
+    def phase(self, name: str, heap: bool = False) -> float:
+        """Record the phase that just ended; returns the step's peak so far."""
+        self.phases.append(dict(phase=name, peak_mib=_status_mib("VmHWM"), end_mib=_status_mib("VmRSS")))
+        if heap:
+            self.heap_free_mib = _heap_free_mib()
+        _reset_peak()
+        return max(p["peak_mib"] for p in self.phases)
+
+    def report(self) -> dict:
+        return dict(phases=self.phases, heap_free_after_decoder_forward_mib=self.heap_free_mib,
+                    saved_for_backward_mib={k: sum(v.values()) / 2**20 for k, v in self.saved.items()})
+
+
+def _heap_free_mib() -> float | None:
+    """Free bytes in glibc's main malloc arena (resident unless trimmed), MiB; None off glibc."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = MallInfo2
+    return fn().fordblks / 2**20
+
+
 def child(args) -> dict:
     import torch
 
@@ -137,7 +201,7 @@ def child(args) -> dict:
 
     torch.set_num_threads(args.threads)
     model, inputs, comp, mask, sup = build(args.vision_depth, args.image_size, args.group_size, args.new_tokens,
-                                             args.dtype)
+                                             args.dtype, bool(args.checkpointing))
     gen = torch.Generator().manual_seed(2)
     g = comp.shape[0]
     old = torch.where(mask, -12.0 + 0.1 * torch.randn(comp.shape, generator=gen), torch.zeros(()))
@@ -146,22 +210,32 @@ def child(args) -> dict:
     passed = adv > 0
     weight, bias = output_head(model)
     gc.collect()
+    bd = Breakdown(model) if args.breakdown else None
     _reset_peak()
     base = _status_mib("VmRSS")
     t0 = time.perf_counter()
-    hidden = response_hidden(model, inputs, comp, mask, args.forward)
-    if args.path == "full":
-        logits = model.get_output_embeddings()(hidden)
-        logp, _ = token_logprobs(logits, comp, mask, suppress_token_ids=sup)
-        del logits
-    else:
-        logp, _ = head_token_logprobs(hidden, weight, comp, mask, bias=bias, suppress_token_ids=sup)
-    loss, _ = calibrl_loss(logp, old, expert, adv, mask, passed)
+    with bd.saving("decoder") if bd else contextlib.nullcontext():
+        hidden = response_hidden(model, inputs, comp, mask, args.forward)
+    if bd:
+        bd.phase("decoder forward", heap=True)
+        hidden.register_hook(lambda _: bd.phase("LM-head backward") and None)  # a hook must return None
+    with bd.saving("LM head") if bd else contextlib.nullcontext():
+        if args.path == "full":
+            logits = model.get_output_embeddings()(hidden)
+            logp, _ = token_logprobs(logits, comp, mask, suppress_token_ids=sup)
+            del logits
+        else:
+            logp, _ = head_token_logprobs(hidden, weight, comp, mask, bias=bias, suppress_token_ids=sup)
+        loss, _ = calibrl_loss(logp, old, expert, adv, mask, passed)
+    if bd:
+        bd.phase("LM-head forward")
     loss.backward()
     wall = time.perf_counter() - t0
+    peak = bd.phase("decoder backward") if bd else _status_mib("VmHWM")
     gn = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
     n_prompt = int(inputs["input_ids"].shape[1])
-    return dict(path=args.path, peak_rss_mib=_status_mib("VmHWM"), base_rss_mib=base,
+    extra = bd.report() if bd else {}
+    return dict(path=args.path, peak_rss_mib=peak, base_rss_mib=base, **extra,
                 ru_maxrss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, step_s=wall,
                 loss=float(loss), lora_grad_norm=float(gn),
                 logp_sum=float(logp.detach().double().sum()), prompt_tokens=n_prompt,
@@ -177,11 +251,17 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="frozen base weights (LoRA stays float32)")
+    ap.add_argument("--checkpointing", type=int, choices=(0, 1), default=0,
+                    help="gradient checkpointing (as load_policy with 4-bit weights); --forward plain only")
     ap.add_argument("--forward", choices=("shared", "plain"), default="shared",
                     help="decoder forward shared by both paths: the trainer's shared-prompt path or one per row")
+    ap.add_argument("--breakdown", type=int, choices=(0, 1), default=0,
+                    help="also report per-phase peaks, bytes saved for the backward and free heap (see Breakdown)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--path", choices=("full", "chunked"), default=None, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
+    if args.checkpointing and args.forward == "shared":
+        ap.error("--checkpointing 1 needs --forward plain (the shared prompt needs the KV cache checkpointing drops)")
     if args.path:
         print(json.dumps(child(args)), flush=True)
         return 0
