@@ -11,7 +11,9 @@ Model: benchmarks/qwen25vl3b_config.py with num_hidden_layers = 2 and the vision
 blocks (one of them full-attention), random init, LoRA r = 16 on the language model's q/k/v/o/gate/up/down
 (calibrl.trainer.lora_config); the tied embedding / LM head stays frozen, as under LoRA. `--dtype` is the dtype of
 the frozen base weights: float32 (the CPU default of calibrl.models.load_policy) or bfloat16 (its CUDA default);
-the LoRA adapters are float32 either way (peft's autocast_adapter_dtype, as in load_policy). `--checkpointing 1`
+the LoRA adapters are float32 either way (peft's autocast_adapter_dtype, as in load_policy); bfloat16 is only
+practical on CPUs with native bf16 matmuls (AVX-512 BF16 / AMX: elsewhere torch's generic bf16 GEMM runs a large
+inner dimension at ~0.1 GFLOP/s, hours per step here). `--checkpointing 1`
 turns on gradient checkpointing as load_policy does (the default with 4-bit weights, where the trainer takes the
 plain forward since the shared prompt needs the KV cache): `--forward plain` only.
 Step: 1 prompt (one `--image-size` square image) x G rows of `--new-tokens` response tokens each (random ids, no
@@ -23,7 +25,10 @@ and backward into the LoRA weights. The two paths share everything except the LM
   chunked : calibrl.lmhead.head_token_logprobs(hidden, lm_head.weight, ...) (no [G,T,V] tensor anywhere)
 Peak = the child's peak RSS over the step (VmHWM after resetting the watermark once the model and inputs are built;
 it includes the resident model and inputs); `base` = RSS just before the step; ru_maxrss (whole process, model
-build included) is reported too.
+build included) is reported too. With glibc's default malloc the RSS also holds freed heap memory the allocator
+keeps, which after the (identical) decoder forward varied from ~0.1 to ~0.65 GiB between processes on the same
+inputs; `MALLOC_MMAP_THRESHOLD_=131072` in the environment (inherited by both children) makes every allocation above
+128 KiB its own mapping, returned to the OS when freed, and the peaks reproducible (benchmarks/RESULTS.md).
 Each child also reports the loss and the LoRA gradient norm, so the parent checks the paths agree.
 """
 from __future__ import annotations
