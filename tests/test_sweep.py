@@ -244,12 +244,12 @@ def test_shipped_study_is_compact_and_tracked():
     total = sum(f.stat().st_size for r in runs for f in r.rglob("*") if f.is_file())
     assert total <= 20 * 2**20, f"shipped runs total {total / 2**20:.1f} MiB > 20 MiB"
     try:
-        listed = subprocess.run(["git", "ls-files", "assets/study"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.split()
+        listed = set(subprocess.run(["git", "ls-files", "assets/study"], cwd=root, capture_output=True, text=True,
+                                    check=True).stdout.split())
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     files = [str(f.relative_to(root)) for r in runs for f in r.rglob("*") if f.is_file()]
-    untracked = [f for f in files if f not in set(listed)]
+    untracked = [f for f in files if f not in listed]
     assert not untracked, f"shipped run files not tracked by git: {untracked[:5]}"
 
 

@@ -26,15 +26,16 @@ def shipped_runs(summary: dict) -> list[str]:
     return sorted(f"{arm}/s{s}" for arm, a in summary["arms"].items() for s in a["seeds_done"])
 
 
-def _series(hists, col: str, window: int):
-    """{step: [value per seed]} of one arm's histories, each seed smoothed by a trailing `window`-step mean."""
+def _long_frame(hists, col: str, window: int):
+    """Rows (step, col) of one arm's histories, each seed smoothed by a trailing `window`-step mean (none for 0)."""
     import pandas as pd
 
-    cols = []
+    parts = []
     for h in hists:
         s = pd.Series({r["step"]: r[col] for r in h.rows if r.get(col) is not None}, dtype=float).sort_index()
-        cols.append(s.rolling(window, min_periods=1).mean() if window else s)
-    return pd.concat(cols, axis=1) if cols else None
+        s = s.rolling(window, min_periods=1).mean() if window else s
+        parts.append(pd.DataFrame({"step": s.index, col: s.to_numpy()}))
+    return pd.concat(parts, ignore_index=True) if parts else None
 
 
 def main() -> int:
@@ -47,6 +48,7 @@ def main() -> int:
     from matplotlib.ticker import MaxNLocator
 
     from calibrl import palette, stats, sweep_summary
+    from calibrl.figures_train import mean_ci_by_step
 
     study = sweep_summary.load_study(ROOT / "assets" / "study")
     arms = [a for a in study["spec"].arms if a.role == "primary" and study["histories"].get(a.name)]
@@ -57,23 +59,21 @@ def main() -> int:
         seen[color] = seen.get(color, 0) + 1
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     for ax, (col, label, window) in zip(axes.flat, PANELS):
-        lo, hi = stats.metric_range(col)
+        hi = stats.metric_range(col)[1]
         top = 0.0
         for arm in arms:
-            frame = _series(study["histories"][arm.name], col, window)
+            frame = _long_frame(study["histories"][arm.name], col, window)
             if frame is None or frame.empty:
                 continue
-            steps = frame.index.to_numpy()
-            cis = [stats.mean_ci(list(frame.loc[s].dropna())) for s in steps]
-            mean = np.array([c["mean"] for c in cis], dtype=float)
+            band = mean_ci_by_step(frame, col)  # mean and 95% CI per step, clipped to the metric's range
+            steps, mean = band["step"].to_numpy(), band["mean"].to_numpy(dtype=float)
             color, style = styles[arm.name]
-            n = frame.shape[1]
+            n = len(study["histories"][arm.name])
             ax.plot(steps, mean, color=color, ls=style, marker="o" if not window else None, ms=4,
                     label=f"{arm.name} (n={n})")
             top = max(top, float(np.nanmax(mean)))
             if n >= MIN_BAND_SEEDS:
-                half = np.array([c["half"] if c["half"] is not None else np.nan for c in cis], dtype=float)
-                ax.fill_between(steps, np.clip(mean - half, lo, hi), np.clip(mean + half, lo, hi),
+                ax.fill_between(steps, band["lo"].to_numpy(dtype=float), band["hi"].to_numpy(dtype=float),
                                 color=color, alpha=0.12, lw=0)
         k = study["spec"].base.get("pass_k")
         ax.set_title(label.replace("pass@k", f"pass@{k}") if k else label, fontsize=11)
