@@ -21,9 +21,10 @@ from calibrl.runfiles import (MARKER_FILE, append_lines, atomic_write_bytes, ato
                               check_out, clear_run_dir, make_marked_dir, marker_kind, read_json, repair_jsonl,
                               split_jsonl)
 
-__all__ = ["History", "clean", "read_jsonl", "save_checkpoint", "load_checkpoint", "finished_step", "run_status"]
+__all__ = ["History", "clean", "read_jsonl", "history_path", "read_history", "save_checkpoint", "load_checkpoint", "finished_step", "run_status"]
 
 CONFIG_FILE, HISTORY_FILE, SAMPLES_FILE, DONE_FILE = "config.json", "history.jsonl", "samples.jsonl", "done.json"
+COMPACT_HISTORY_FILE = HISTORY_FILE + ".gz"  # a shipped, read-only run (calibrl.sweep_summary.export_runs)
 
 
 def clean(value: Any) -> Any:
@@ -47,6 +48,19 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Rows of a JSON-lines file ([] when it does not exist). A torn last line (a writer still appending, or a
     crash mid-write) is dropped; a bad line anywhere else raises ValueError naming the file and line."""
     return split_jsonl(path)[0]
+
+
+def history_path(run_dir: str | os.PathLike) -> Path:
+    """The run's history file: history.jsonl (a run written by the trainer), else history.jsonl.gz (a compact shipped
+    run, gzip of the same lines), else the history.jsonl path that does not exist yet."""
+    run_dir = Path(run_dir)
+    plain, compact = run_dir / HISTORY_FILE, run_dir / COMPACT_HISTORY_FILE
+    return compact if not plain.exists() and compact.exists() else plain
+
+
+def read_history(run_dir: str | os.PathLike) -> list[dict]:
+    """The rows of a run's history (plain or compact, see `history_path`); [] when it has none."""
+    return read_jsonl(history_path(run_dir))
 
 
 class History:
@@ -109,18 +123,21 @@ class History:
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> "History":
-        """Read config.json and history.jsonl of a run directory (ValueError naming file and line on bad JSON)."""
+        """Read config.json and history.jsonl (or a shipped run's history.jsonl.gz) of a run directory (ValueError
+        naming file and line on bad JSON)."""
         run_dir = Path(run_dir)
-        if not (run_dir / HISTORY_FILE).exists():
-            raise ValueError(f"run_dir: expected {run_dir / HISTORY_FILE} to exist (not a run directory?)")
+        path = history_path(run_dir)
+        if not path.exists():
+            raise ValueError(f"run_dir: expected {run_dir / HISTORY_FILE} (or {COMPACT_HISTORY_FILE}) to exist "
+                             f"(not a run directory?)")
         cfg_path = run_dir / CONFIG_FILE
         config = read_json(cfg_path, "config") if cfg_path.exists() else {}
         if not isinstance(config, dict):
             raise ValueError(f"{cfg_path}:1: expected a JSON object, got {type(config).__name__}")
-        rows = read_jsonl(run_dir / HISTORY_FILE)
+        rows = read_jsonl(path)
         for i, r in enumerate(rows, 1):
             if isinstance(r.get("step"), bool) or not isinstance(r.get("step"), int):
-                raise ValueError(f"{run_dir / HISTORY_FILE}: row {i} has no integer 'step' (got {r.get('step')!r})")
+                raise ValueError(f"{path}: row {i} has no integer 'step' (got {r.get('step')!r})")
         return cls(run_dir, config, rows)
 
     # ------------------------------------------------------------------------------------------------- writing

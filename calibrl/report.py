@@ -200,9 +200,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the report and print its path."""
     dirs = [Path(d) for d in args.run_dirs]
+    from calibrl.history import history_path
+
     for d in dirs:
-        if not (d / "history.jsonl").exists():
-            raise ValueError(f"run_dirs: {d} has no history.jsonl")
+        if not history_path(d).exists():
+            raise ValueError(f"run_dirs: {d} has no history.jsonl (or history.jsonl.gz)")
     out = Path(args.out) if args.out else dirs[0].parent / "report.html"
     print(write_report(dirs, out, title=args.title, budget=args.budget, chance=args.chance))
     return 0

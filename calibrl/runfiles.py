@@ -11,8 +11,10 @@ Rules (the users' data comes first):
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import zlib
 import shutil
 import warnings
 from pathlib import Path
@@ -163,12 +165,17 @@ def append_lines(path: str | os.PathLike, lines: list[str]) -> None:
 
 # ------------------------------------------------------------------------------------------------------- reading
 def split_jsonl(path: str | os.PathLike) -> tuple[list[dict], bytes]:
-    """(rows, torn tail) of a JSON-lines file. A last line without its newline that does not parse is the torn tail
+    """(rows, torn tail) of a JSON-lines file (gzip-compressed when its name ends in .gz). A last line without its newline that does not parse is the torn tail
     (returned, not parsed); a bad line anywhere else raises ValueError naming the file and line."""
     path = Path(path)
     if not path.exists():
         return [], b""
     data = path.read_bytes()
+    if path.suffix == ".gz":  # a compact shipped file (calibrl.sweep_summary.export_runs): read-only, never appended
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as err:
+            raise ValueError(f"{path}: not a readable gzip file ({err})") from None
     parts = data.split(b"\n")
     tail = parts.pop()  # b"" when the file ends with a newline
     rows = []

@@ -153,13 +153,13 @@ def run_state(path: Path, steps: int) -> str:
     """"done" (done.json records `steps`, or every step's row is written: a shipped run without checkpoints),
     "resumable" (a checkpoint file to continue from), "orphan" (files but no checkpoint) or "new"."""
     from calibrl.checkpoint import has_checkpoint
-    from calibrl.history import finished_step, read_jsonl
+    from calibrl.history import finished_step, read_history
 
     if not path.exists() or not any(path.iterdir()):
         return "new"
     if finished_step(path) == steps:
         return "done"
-    rows = read_jsonl(path / "history.jsonl") if (path / "history.jsonl").exists() else []
+    rows = read_history(path)
     if rows and rows[-1].get("step") == steps:
         return "done"
     return "resumable" if has_checkpoint(path) else "orphan"

@@ -1,5 +1,6 @@
 """calibrl.sweep / sweep_summary / stats: spec checks, scheduling, run states, metrics and CIs by hand, the summary
 rebuilt from run files, and one real two-process sweep on the shipped tiny model."""
+import gzip
 import json
 import math
 import re
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from calibrl import stats, sweep, sweep_summary
+from calibrl.history import History
 
 SPEC = {"name": "t", "budget": "smoke", "baseline": "grpo", "seeds": 2, "base": {"steps": 2, "eval_every": 2},
         "arms": [{"name": "grpo", "set": {"mode": "grpo"}},
@@ -166,14 +168,44 @@ def test_export_is_compact_and_skips_unfinished(tmp_path):
     (out / "grpo" / "s0" / "eval.jsonl").write_text("".join(json.dumps({"step": s, "q": s}) + "\n" for s in (1, 2, 2)))
     assert sweep_summary.export_runs(spec, out, dest) == 1
     got = dest / "grpo" / "s0"
-    assert sorted(p.name for p in got.iterdir()) == ["config.json", "eval.jsonl", "history.jsonl", "samples.jsonl"]
+    assert sorted(p.name for p in got.iterdir()) == ["config.json", "eval.jsonl", "history.jsonl.gz", "samples.jsonl"]
     assert [json.loads(x)["step"] for x in (got / "eval.jsonl").read_text().splitlines()] == [2, 2]
-    assert json.loads((got / "history.jsonl").read_text().splitlines()[0])["entropy_mean"] == 0.123457
+    lines = gzip.decompress((got / "history.jsonl.gz").read_bytes()).decode().splitlines()
+    assert json.loads(lines[0])["entropy_mean"] == 0.123457
+    src_rows = [json.loads(x) for x in (out / "grpo" / "s0" / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in History.load(got).rows] == [r["step"] for r in src_rows] == [1, 2]
+    assert History.load(got).rows[1] == src_rows[1]  # every column kept; only floats rounded
     assert not (dest / "grpo" / "s1").exists()
     assert sweep_summary.summarize(spec, dest)["arms"]["grpo"]["seeds_done"] == [0]
     assert sweep.run_state(got, 2) == "done"  # a later sweep with --out DEST skips it
-    assert sweep_summary.export_runs(spec, dest, dest) == 1  # in place: idempotent
-    assert json.loads((got / "history.jsonl").read_text().splitlines()[0])["entropy_mean"] == 0.123457
+    first = (got / "history.jsonl.gz").read_bytes()
+    assert sweep_summary.export_runs(spec, dest, dest) == 1  # in place: idempotent, byte for byte
+    assert (got / "history.jsonl.gz").read_bytes() == first
+    # a stale plain history in the destination (the former export format) is replaced, not left to shadow the new one
+    (got / "history.jsonl").write_text(json.dumps({"step": 1, "stale": True}) + "\n")
+    assert sweep_summary.export_runs(spec, out, dest) == 1
+    assert not (got / "history.jsonl").exists() and (got / "history.jsonl.gz").read_bytes() == first
+    # in place on the run itself: the plain file is replaced by its compressed copy, the rows survive
+    assert sweep_summary.export_runs(spec, out, out) == 1
+    assert not (out / "grpo" / "s0" / "history.jsonl").exists()
+    assert History.load(out / "grpo" / "s0").rows == History.load(got).rows
+
+
+def test_compact_history_reads_like_the_plain_one_and_bad_gzip_is_named(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    rows = [{"step": 1, "x": 0.5}, {"step": 2, "x": None}]
+    (run / "history.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    assert History.load(run).rows == rows and sweep.run_state(run, 2) == "done"
+    (run / "history.jsonl").write_text(json.dumps({"step": 1}) + "\n")  # a run being written wins over a shipped copy
+    assert History.load(run).rows == [{"step": 1}]
+    (run / "history.jsonl").unlink()
+    (run / "history.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match=r"history\.jsonl\.gz: not a readable gzip file"):
+        History.load(run)
+    (run / "history.jsonl.gz").unlink()
+    with pytest.raises(ValueError, match="history.jsonl.gz"):
+        History.load(run)
 
 
 # ----------------------------------------------------------------------------------------------- end to end
@@ -234,13 +266,13 @@ def test_shipped_study_is_compact_and_tracked():
     tracked by git (an ignore rule must not swallow it), and all shipped runs together stay within 20 MB."""
     root = Path(__file__).resolve().parents[1]
     study = root / "assets" / "study"
-    allowed = {"config.json", "history.jsonl", "eval.jsonl", "samples.jsonl", ".calibrl"}
+    allowed = {"config.json", "history.jsonl.gz", "eval.jsonl", "samples.jsonl", ".calibrl"}
     runs = sorted(p for p in study.glob("*/s*") if p.is_dir())
     assert runs, "no shipped run under assets/study"
     extra = [str(f.relative_to(root)) for r in runs for f in r.rglob("*") if f.is_file() and f.name not in allowed]
     assert not extra, f"non-compact files in shipped runs: {extra[:5]}"
     for r in runs:
-        assert {"config.json", "history.jsonl", "eval.jsonl"} <= {f.name for f in r.iterdir()}, r
+        assert {"config.json", "history.jsonl.gz", "eval.jsonl"} <= {f.name for f in r.iterdir()}, r
     total = sum(f.stat().st_size for r in runs for f in r.rglob("*") if f.is_file())
     assert total <= 20 * 2**20, f"shipped runs total {total / 2**20:.1f} MiB > 20 MiB"
     try:
