@@ -34,6 +34,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "expert_gap_q50": ("expert_gap_q50", "all", "median logp − e_t (all steps)"),
 }
 PRIMARY_METRICS = ("final_greedy_acc", "final_pass_at_k", "entropy_last", "format_last", "uniform_last", "kl_last")
+VERDICT_METRICS = ("final_greedy_acc", "final_pass_at_k", "entropy_last")  # the sentences under the tables
 CURVES = (("entropy_mean", "entropy"), ("acc_mean", "training accuracy"), ("eval_greedy_acc", "held-out greedy acc"),
           ("uniform_frac", "uniform groups"))
 RANGES = {"entropy_mean": (0.0, None), "kl_to_start": (0.0, None)}  # others are fractions in [0, 1]
@@ -107,7 +108,8 @@ def _table(summary: dict, metrics: tuple[str, ...], diff: bool) -> list[str]:
 
 
 def to_markdown(summary: dict) -> str:
-    """summary.md: the per-arm table (mean ± 95% t-interval over seeds) and the paired differences."""
+    """summary.md: the per-arm table (mean ± 95% t-interval over seeds), the paired differences, the gate probes and
+    one sentence per paired comparison on VERDICT_METRICS (from `reading`)."""
     gate = ("gate_passed_below", "gate_failed_above", "gate_tie_frac", "expert_gap_q50")
     partial = {n: a["seeds_partial"] for n, a in summary["arms"].items() if a["seeds_partial"]}
     lines = [f"# Sweep `{summary['spec']}`", "",
@@ -117,6 +119,12 @@ def to_markdown(summary: dict) -> str:
              "## Paired difference against the baseline", "", *_table(summary, PRIMARY_METRICS, True), "",
              "## Gate probes (what CalibRL's gate does; counterfactual for arms without the guidance term)", "",
              *_table(summary, gate, False), ""]
+    verdicts = [f"- {line}" for m in VERDICT_METRICS for line in reading(summary, m) if "no finished seed" not in line]
+    if verdicts:
+        lines += ["## Paired verdicts", "",
+                  "Each 95% interval is for one comparison on its own, not corrected for the "
+                  f"{len(verdicts)} shown (about 1 in 20 true-null comparisons excludes 0 by chance).", "",
+                  *verdicts, ""]
     if partial:
         lines += ["Unfinished runs (not in the tables): " + "; ".join(f"{n}: seeds {s}" for n, s in partial.items()),
                   ""]

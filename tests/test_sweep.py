@@ -239,6 +239,8 @@ def test_load_study_and_reading(tmp_path):
     assert lines[0].startswith("calibrl: final greedy accuracy (held-out) +0.375 (95% CI")
     assert "within seed noise" in lines[0]  # n = 2: t = 12.7, the band is wide
     assert any("pilot: no finished seed" in x for x in lines)
+    md = sweep_summary.to_markdown(study["summary"])  # the verdict sentences sit under the tables, arms without seeds left out
+    assert f"- {lines[0]}" in md.split("## Paired verdicts", 1)[1] and "pilot: no finished seed" not in md
     one = sweep_summary.load_study(out, max_seeds=1)
     assert one["summary"]["arms"]["calibrl"]["seeds_done"] == [0]
     assert "on 1 seed (no interval)" in sweep_summary.reading(one["summary"], "final_greedy_acc")[0]
