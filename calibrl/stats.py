@@ -47,13 +47,29 @@ def mean_ci(values: Sequence[float | None]) -> dict:
     return {"mean": m, "lo": m - half, "hi": m + half, "half": half, "n": n, "sd": sd}
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test: P(a split at least this uneven | each non-tied pair is a fair coin),
+    2 · P(X >= max(wins, losses)) for X ~ Binomial(wins + losses, 1/2), capped at 1 (1.0 with no non-tied pair).
+    It needs no normality, which the paired t-interval does (a seed that collapses makes the differences bimodal)."""
+    for name, v in (("wins", wins), ("losses", losses)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+    n, k = wins + losses, max(wins, losses)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
 def paired_diff(arm: Mapping[int, float | None], base: Mapping[int, float | None]) -> dict:
     """Mean of arm[s] - base[s] over the seeds s present (not None) in both, with its 95% paired t-interval;
-    also "seeds" (the paired seeds) and "wins" (seeds where the arm is larger)."""
+    also "seeds" (the paired seeds), "wins" / "losses" (seeds where the arm is larger / smaller; ties are neither)
+    and "sign_p" (`sign_test` of wins against losses)."""
     seeds = sorted(s for s in arm if s in base and arm[s] is not None and base[s] is not None)
     diffs = [float(arm[s]) - float(base[s]) for s in seeds]
     out = mean_ci(diffs)
-    out.update(seeds=seeds, wins=sum(d > 0 for d in diffs))
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    out.update(seeds=seeds, wins=wins, losses=losses, sign_p=sign_test(wins, losses))
     return out
 
 

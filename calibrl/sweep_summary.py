@@ -293,7 +293,7 @@ def reading(summary: dict, metric: str, *, digits: int = 3) -> list[str]:
             sig = "a difference beyond seed noise" if d["lo"] > 0 or d["hi"] < 0 else "within seed noise"
             lines.append(f"{name}: {label} {d['mean']:+.{digits}f} (95% CI {d['lo']:+.{digits}f} to "
                          f"{d['hi']:+.{digits}f}) vs {summary['baseline']} over {d['n']} paired seeds: {sig} "
-                         f"(higher in {d['wins']}/{d['n']} seeds)")
+                         f"(higher in {d['wins']}/{d['n']} seeds, sign test p = {d['sign_p']:.2g})")
     return lines
 
 

@@ -51,6 +51,26 @@ def test_paired_diff_pairs_by_seed():
     d = stats.paired_diff(arm, base)
     assert d["seeds"] == [0, 1] and d["n"] == 2 and d["mean"] == 0.75 and d["wins"] == 2
     assert math.isclose(d["half"], 12.706 * math.sqrt(((0.5 - 0.75) ** 2 + (1.0 - 0.75) ** 2) / 1) / math.sqrt(2))
+    assert d["losses"] == 0 and d["sign_p"] == 0.5  # 2 of 2: 2 * P(X >= 2) = 2 * 1/4
+    tie = stats.paired_diff({0: 1.0, 1: 2.0, 2: 1.0}, {0: 1.0, 1: 1.0, 2: 2.0})
+    assert (tie["wins"], tie["losses"]) == (1, 1) and tie["sign_p"] == 1.0  # the tied seed 0 counts for neither
+
+
+@pytest.mark.parametrize("wins, losses, p", [
+    (5, 0, 2 / 32),                # 2 * P(X >= 5), X ~ Bin(5, 1/2)
+    (0, 5, 2 / 32),
+    (4, 1, 2 * 6 / 32),            # 2 * (C(5,4) + C(5,5)) / 32
+    (12, 4, 2 * sum(math.comb(16, i) for i in range(12, 17)) / 2 ** 16),
+    (3, 3, 1.0), (0, 0, 1.0), (1, 0, 1.0),
+])
+def test_sign_test_hand_computed(wins, losses, p):
+    assert math.isclose(stats.sign_test(wins, losses), p)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, None])
+def test_sign_test_rejects_non_counts(bad):
+    with pytest.raises(ValueError, match="wins: expected an int >= 0"):
+        stats.sign_test(bad, 0)
 
 
 # ----------------------------------------------------------------------------------------------------- spec
