@@ -217,7 +217,8 @@ def _round(value: Any, digits: int = 6) -> Any:
 
 
 def export_runs(spec: Any, out: Path, dest: Path) -> int:
-    """Write the compact files of FINISHED runs to dest/<arm>/s<seed>/: config.json, history.jsonl.gz (every
+    """Write the compact files of FINISHED runs to dest/<arm>/s<seed>/: config.json, env.json (if the run has
+    one), history.jsonl.gz (every
     column of every step, floats rounded to 6 significant digits, gzip-compressed: about 1/7 of the plain file;
     `calibrl.history.History.load`, `zcat` and pandas read it), the last evaluation's rows of eval.jsonl and the last
     step's rows of samples.jsonl. Checkpoints, adapters and unfinished runs are not copied. dest may equal out
@@ -234,6 +235,8 @@ def export_runs(spec: Any, out: Path, dest: Path) -> int:
             if not rows or rows[-1]["step"] != config_for(spec, arm, seed).steps:
                 continue
             files = {"config.json": (src / "config.json").read_text(encoding="utf-8")}
+            if (src / "env.json").is_file():  # where it ran (calibrl.runenv); runs from before it have none
+                files["env.json"] = (src / "env.json").read_text(encoding="utf-8")
             for name in ("eval.jsonl", "samples.jsonl"):
                 extra = read_jsonl(src / name) if (src / name).exists() else []
                 last = max((r.get("step", 0) for r in extra), default=None)

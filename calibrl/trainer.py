@@ -11,6 +11,7 @@ reason in the row); `max_consecutive_skips` in a row stop the run with an error 
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -117,6 +118,29 @@ class Trainer:
             torch.manual_seed(cfg.seed)
             if cfg.save_every:  # a step-0 checkpoint: a kill during step 1 resumes too
                 self.save_checkpoint()
+        self._record_environment(resume)  # after a resume succeeded: a refused one leaves every file as it was
+
+    def _record_environment(self, resume: bool) -> None:
+        """env.json: where the run started and every environment it was resumed in; a resume in another environment
+        (versions or processor) warns that it continues, but not bit-identically."""
+        from calibrl.runenv import ENV_FILE, differences, environment
+        from calibrl.runfiles import atomic_write_json, read_json
+
+        path, env = self.run_dir / ENV_FILE, environment()
+        record = {"created": env, "resumed": []}
+        if resume and path.is_file():
+            saved = read_json(path, "env")
+            if isinstance(saved, dict) and isinstance(saved.get("created"), dict):
+                record = {"created": saved["created"], "resumed": list(saved.get("resumed") or []) + [env]}
+                changed = differences(saved["created"], env)
+                if changed:
+                    warnings.warn(f"{path}: resuming in another environment ({'; '.join(changed)}): the run "
+                                  f"continues, but not bit-identically to an uninterrupted one", RuntimeWarning,
+                                  stacklevel=3)
+        elif resume:
+            record["resumed"] = [env]
+            record["created"] = None  # a run from before env.json was written: where it started is unknown
+        atomic_write_json(path, record)
 
     # ------------------------------------------------------------------------------------------------ data
     def prompt_indices(self, step: int) -> list[int]:

@@ -288,7 +288,7 @@ def test_shipped_study_is_compact_and_tracked():
     tracked by git (an ignore rule must not swallow it), and all shipped runs together stay within 20 MB."""
     root = Path(__file__).resolve().parents[1]
     study = root / "assets" / "study"
-    allowed = {"config.json", "history.jsonl.gz", "eval.jsonl", "samples.jsonl", ".calibrl"}
+    allowed = {"config.json", "env.json", "history.jsonl.gz", "eval.jsonl", "samples.jsonl", ".calibrl"}
     runs = sorted(p for p in study.glob("*/s*") if p.is_dir())
     assert runs, "no shipped run under assets/study"
     extra = [str(f.relative_to(root)) for r in runs for f in r.rglob("*") if f.is_file() and f.name not in allowed]
