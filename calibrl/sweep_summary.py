@@ -162,6 +162,7 @@ def to_html(summary: dict, runs: dict) -> str:
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
     for k, (name, arm_runs) in enumerate(runs.items()):
         color = palette[k % len(palette)]
+        n_done = sum(r["metrics"] is not None for r in arm_runs.values())  # the curves use finished runs only
         for j, (col, _) in enumerate(CURVES):
             by_step: dict[int, list[float]] = {}
             for r in arm_runs.values():
@@ -183,7 +184,7 @@ def to_html(summary: dict, runs: dict) -> str:
             fig.add_scatter(x=steps + steps[::-1], y=hi + lo[::-1], fill="toself", line=dict(width=0),
                             fillcolor=color, opacity=0.15, hoverinfo="skip", showlegend=False, **pos)
             fig.add_scatter(x=steps, y=mean, mode="lines+markers" if len(steps) < 12 else "lines",
-                            line=dict(color=color), name=f"{name} (n={len(arm_runs)})", legendgroup=name,
+                            line=dict(color=color), name=f"{name} (n={n_done})", legendgroup=name,
                             showlegend=j == 0, **pos)
     fig.update_xaxes(title_text="RL step", tickformat="d")
     fig.update_layout(template="plotly_white", height=720, legend=dict(orientation="h", y=-0.12))

@@ -211,6 +211,17 @@ def test_export_is_compact_and_skips_unfinished(tmp_path):
     assert History.load(out / "grpo" / "s0").rows == History.load(got).rows
 
 
+def test_report_counts_only_finished_runs(tmp_path):
+    spec = sweep.load_spec(write_spec(tmp_path))
+    out = tmp_path / "out"
+    fake_run(out / "grpo" / "s0", 2)
+    fake_run(out / "grpo" / "s1", 2, done=False)  # unfinished: not in the tables, the curves or the legend's n
+    sweep_summary.write_summary(spec, out)
+    page = (out / "report.html").read_text()
+    assert "grpo (n=1)" in page and "grpo (n=2)" not in page
+    assert "Unfinished runs (not in the tables): grpo: seeds [1]" in page
+
+
 def test_compact_history_reads_like_the_plain_one_and_bad_gzip_is_named(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
