@@ -158,7 +158,7 @@ def to_html(summary: dict, runs: dict) -> str:
 
     from calibrl.stats import mean_ci as ci
 
-    fig = make_subplots(rows=2, cols=2, subplot_titles=[t for _, t in CURVES], vertical_spacing=0.12)
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[t for _, t in CURVES], vertical_spacing=0.17)
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
     for k, (name, arm_runs) in enumerate(runs.items()):
         color = palette[k % len(palette)]
@@ -198,12 +198,14 @@ def to_html(summary: dict, runs: dict) -> str:
             rows_html.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         elif line.startswith("#"):
             rows_html.append(f"</table><h2>{html.escape(line.lstrip('# '))}</h2><table>")
+        elif line.startswith("- "):  # a verdict sentence
+            rows_html.append(f"</table><ul><li>{html.escape(line[2:])}</li></ul><table>")
         elif line.strip():
             rows_html.append(f"</table><p>{html.escape(line)}</p><table>")
     body = fig.to_html(full_html=False, include_plotlyjs=True)
     return ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(f"sweep {summary['spec']}")
             + "</title><style>body{font-family:sans-serif;max-width:1200px;margin:auto}td{padding:2px 8px;"
-              "border-bottom:1px solid #ddd}</style></head><body><table>" + "".join(rows_html) + "</table>"
+              "border-bottom:1px solid #ddd}ul{margin:4px 0}</style></head><body><table>" + "".join(rows_html) + "</table>"
             + body + "</body></html>")
 
 
