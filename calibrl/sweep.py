@@ -218,7 +218,8 @@ def run_sweep(spec: Spec, out: str | os.PathLike, *, workers: int | None = None,
     from tqdm.auto import tqdm
 
     out = Path(out)
-    workers = workers or os.cpu_count() or 1
+    if workers is None:  # not `workers or ...`: an explicit 0 is an error, not "all cores"
+        workers = os.cpu_count() or 1
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
     todo = plan(spec, out, roles)

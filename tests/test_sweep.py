@@ -211,6 +211,14 @@ def test_export_is_compact_and_skips_unfinished(tmp_path):
     assert History.load(out / "grpo" / "s0").rows == History.load(got).rows
 
 
+@pytest.mark.parametrize("workers", [0, -1, True, 1.5])
+def test_bad_workers_is_an_error_before_anything_runs(tmp_path, workers):
+    spec = sweep.load_spec(write_spec(tmp_path))
+    with pytest.raises(ValueError, match="workers: expected an int >= 1"):  # 0 once meant "all cores" silently
+        sweep.run_sweep(spec, tmp_path / "out", workers=workers, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_report_counts_only_finished_runs(tmp_path):
     spec = sweep.load_spec(write_spec(tmp_path))
     out = tmp_path / "out"
