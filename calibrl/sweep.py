@@ -272,10 +272,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from calibrl import sweep_summary
 
+    from calibrl.runfiles import check_out
+
     spec = load_spec(args.spec)
     out = Path(args.out) if args.out else Path("runs") / spec.name
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} exists and is not a directory")
+    check_out(out, "--out")
+    if args.summarize_only and not out.is_dir():
+        raise ValueError(f"--out: {out} does not exist; --summarize-only reads the runs of a sweep there")
+    if args.export:  # checked before hours of training, not after
+        check_out(args.export, "--export")
     status = {"failed": []}
     if not args.summarize_only:
         roles = ROLES if args.role == "all" else (args.role,)
@@ -283,8 +290,12 @@ def run(args: argparse.Namespace) -> int:
     summary = sweep_summary.write_summary(spec, out)
     print(f"summary: {out / 'summary.md'} ({summary['n_runs']} runs)")
     if args.export:
-        n = sweep_summary.export_runs(spec, out, Path(args.export))
-        sweep_summary.write_summary(spec, Path(args.export))
+        try:
+            n = sweep_summary.export_runs(spec, out, Path(args.export))
+            sweep_summary.write_summary(spec, Path(args.export))
+        except OSError as err:
+            raise ValueError(f"--export: cannot write the compact runs to {args.export} ({err}); the runs under "
+                             f"{out} are untouched") from None
         print(f"exported {n} finished runs to {args.export} (and its summary)")
     return 1 if status["failed"] else 0
 

@@ -219,6 +219,19 @@ def test_bad_workers_is_an_error_before_anything_runs(tmp_path, workers):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_a_missing_out_for_summarize_only_and_an_unwritable_export(tmp_path):
+    p = write_spec(tmp_path)
+    base = [sys.executable, "-m", "calibrl", "sweep", str(p)]
+    res = subprocess.run(base + ["--out", str(tmp_path / "typo"), "--summarize-only"], capture_output=True, text=True)
+    assert res.returncode != 0 and "--summarize-only reads the runs of a sweep there" in res.stderr
+    assert not (tmp_path / "typo").exists()  # no empty summary written where the user mistyped
+    (tmp_path / "afile").write_text("x")
+    res = subprocess.run(base + ["--out", str(tmp_path / "o"), "--export", str(tmp_path / "afile" / "ship")],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "--export:" in res.stderr and "is a file" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()  # refused before any run started
+
+
 def test_report_counts_only_finished_runs(tmp_path):
     spec = sweep.load_spec(write_spec(tmp_path))
     out = tmp_path / "out"
