@@ -21,7 +21,8 @@ from calibrl.runfiles import (MARKER_FILE, append_lines, atomic_write_bytes, ato
                               check_out, clear_run_dir, make_marked_dir, marker_kind, read_json, repair_jsonl,
                               split_jsonl)
 
-__all__ = ["History", "clean", "read_jsonl", "history_path", "read_history", "save_checkpoint", "load_checkpoint", "finished_step", "run_status"]
+__all__ = ["History", "clean", "read_jsonl", "history_path", "read_history", "save_checkpoint", "load_checkpoint",
+           "finished_step", "run_status"]
 
 CONFIG_FILE, HISTORY_FILE, SAMPLES_FILE, DONE_FILE = "config.json", "history.jsonl", "samples.jsonl", "done.json"
 COMPACT_HISTORY_FILE = HISTORY_FILE + ".gz"  # a shipped, read-only run (calibrl.sweep_summary.export_runs)

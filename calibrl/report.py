@@ -199,9 +199,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the report and print its path."""
-    dirs = [Path(d) for d in args.run_dirs]
     from calibrl.history import history_path
 
+    dirs = [Path(d) for d in args.run_dirs]
     for d in dirs:
         if not history_path(d).exists():
             raise ValueError(f"run_dirs: {d} has no history.jsonl (or history.jsonl.gz)")

@@ -14,9 +14,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import zlib
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +165,9 @@ def append_lines(path: str | os.PathLike, lines: list[str]) -> None:
 
 # ------------------------------------------------------------------------------------------------------- reading
 def split_jsonl(path: str | os.PathLike) -> tuple[list[dict], bytes]:
-    """(rows, torn tail) of a JSON-lines file (gzip-compressed when its name ends in .gz). A last line without its newline that does not parse is the torn tail
-    (returned, not parsed); a bad line anywhere else raises ValueError naming the file and line."""
+    """(rows, torn tail) of a JSON-lines file (gzip-compressed when its name ends in .gz). A last line without its
+    newline that does not parse is the torn tail (returned, not parsed); a bad line anywhere else raises ValueError
+    naming the file and line."""
     path = Path(path)
     if not path.exists():
         return [], b""

@@ -271,14 +271,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from calibrl import sweep_summary
-
     from calibrl.runfiles import check_out
 
     spec = load_spec(args.spec)
     out = Path(args.out) if args.out else Path("runs") / spec.name
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out: {out} exists and is not a directory")
-    check_out(out, "--out")
+    check_out(out, "--out")  # a file there, or an unwritable parent, is an error
     if args.summarize_only and not out.is_dir():
         raise ValueError(f"--out: {out} does not exist; --summarize-only reads the runs of a sweep there")
     if args.export:  # checked before hours of training, not after

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from calibrl.runfiles import atomic_write_bytes, atomic_write_text
 from calibrl.stats import fmt_ci, mean_ci, paired_diff
 
 # name -> (history column, how, label); how: "final" (last row that has it), "last" (mean over the last
@@ -136,19 +137,10 @@ def write_summary(spec: Any, out: Path) -> dict:
     summary = summarize(spec, out)
     runs = summary.pop("_runs")
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
-    _write_atomic(out / "summary.md", to_markdown(summary))
-    _write_atomic(out / "report.html", to_html(summary, runs))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(out / "summary.md", to_markdown(summary))
+    atomic_write_text(out / "report.html", to_html(summary, runs))
     return summary
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def to_html(summary: dict, runs: dict) -> str:
@@ -221,13 +213,13 @@ def _round(value: Any, digits: int = 6) -> Any:
 
 def export_runs(spec: Any, out: Path, dest: Path) -> int:
     """Write the compact files of FINISHED runs to dest/<arm>/s<seed>/: config.json, env.json (if the run has
-    one), history.jsonl.gz (every
-    column of every step, floats rounded to 6 significant digits, gzip-compressed: about 1/7 of the plain file;
+    one), history.jsonl.gz (every column of every step, floats rounded to 6 significant digits, gzip-compressed:
+    about 1/7 of the plain file;
     `calibrl.history.History.load`, `zcat` and pandas read it), the last evaluation's rows of eval.jsonl and the last
     step's rows of samples.jsonl. Checkpoints, adapters and unfinished runs are not copied. dest may equal out
     (compacts in place: the plain history.jsonl is replaced by its compressed copy once that is written)."""
     from calibrl.history import COMPACT_HISTORY_FILE, HISTORY_FILE, read_history, read_jsonl
-    from calibrl.runfiles import atomic_write_bytes
+    from calibrl.runenv import ENV_FILE
     from calibrl.sweep import config_for, run_dir
 
     n = 0
@@ -238,8 +230,8 @@ def export_runs(spec: Any, out: Path, dest: Path) -> int:
             if not rows or rows[-1]["step"] != config_for(spec, arm, seed).steps:
                 continue
             files = {"config.json": (src / "config.json").read_text(encoding="utf-8")}
-            if (src / "env.json").is_file():  # where it ran (calibrl.runenv); runs from before it have none
-                files["env.json"] = (src / "env.json").read_text(encoding="utf-8")
+            if (src / ENV_FILE).is_file():  # where it ran (calibrl.runenv); runs from before it have none
+                files[ENV_FILE] = (src / ENV_FILE).read_text(encoding="utf-8")
             for name in ("eval.jsonl", "samples.jsonl"):
                 extra = read_jsonl(src / name) if (src / name).exists() else []
                 last = max((r.get("step", 0) for r in extra), default=None)
@@ -247,7 +239,7 @@ def export_runs(spec: Any, out: Path, dest: Path) -> int:
             lines = [json.dumps(_round(r)) for r in rows]
             dst.mkdir(parents=True, exist_ok=True)
             for name, text in files.items():
-                _write_atomic(dst / name, text)
+                atomic_write_text(dst / name, text)
             # mtime=0: the same rows give the same bytes, so a re-export leaves git clean
             data = "".join(line + "\n" for line in lines).encode("utf-8")
             atomic_write_bytes(dst / COMPACT_HISTORY_FILE, gzip.compress(data, compresslevel=9, mtime=0))

@@ -127,20 +127,17 @@ class Trainer:
         from calibrl.runfiles import atomic_write_json, read_json
 
         path, env = self.run_dir / ENV_FILE, environment()
-        record = {"created": env, "resumed": []}
-        if resume and path.is_file():
-            saved = read_json(path, "env")
-            if isinstance(saved, dict) and isinstance(saved.get("created"), dict):
-                record = {"created": saved["created"], "resumed": list(saved.get("resumed") or []) + [env]}
-                changed = differences(saved["created"], env)
-                if changed:
-                    warnings.warn(f"{path}: resuming in another environment ({'; '.join(changed)}): the run "
-                                  f"continues, but not bit-identically to an uninterrupted one", RuntimeWarning,
-                                  stacklevel=3)
-        elif resume:
-            record["resumed"] = [env]
-            record["created"] = None  # a run from before env.json was written: where it started is unknown
-        atomic_write_json(path, record)
+        if not resume:
+            atomic_write_json(path, {"created": env, "resumed": []})
+            return
+        saved = read_json(path, "env") if path.is_file() else {}
+        saved = saved if isinstance(saved, dict) else {}
+        created = saved.get("created") if isinstance(saved.get("created"), dict) else None  # None: unknown (older run)
+        changed = differences(created, env) if created else []
+        if changed:
+            warnings.warn(f"{path}: resuming in another environment ({'; '.join(changed)}): the run continues, but "
+                          f"not bit-identically to an uninterrupted one", RuntimeWarning, stacklevel=3)
+        atomic_write_json(path, {"created": created, "resumed": list(saved.get("resumed") or []) + [env]})
 
     # ------------------------------------------------------------------------------------------------ data
     def prompt_indices(self, step: int) -> list[int]:

@@ -71,3 +71,7 @@ def test_trainer_records_env_and_warns_on_resume_elsewhere(tmp_path, data, monke
     saved2 = json.loads((tmp_path / "r" / runenv.ENV_FILE).read_text())
     assert saved2["created"] == saved["created"] and [e["cpu"] for e in saved2["resumed"]][-1] == "another CPU kind"
     assert len(saved2["resumed"]) == 2
+    (tmp_path / "r" / runenv.ENV_FILE).write_text("[]")  # not an env record: where the run started is unknown
+    Trainer(cfg, policy=tiny_policy(lora=True), train_data=data, resume=True)
+    saved3 = json.loads((tmp_path / "r" / runenv.ENV_FILE).read_text())
+    assert saved3["created"] is None and [e["cpu"] for e in saved3["resumed"]] == ["another CPU kind"]
