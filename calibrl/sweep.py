@@ -9,13 +9,15 @@ A spec is a JSON file:
     {"name": "...", "budget": "small", "baseline": "grpo", "seeds": 16,
      "base": {"steps": 250, "eval_every": 50, ...},           # TrainConfig/LossConfig overrides for every arm
      "arms": [{"name": "grpo", "set": {"mode": "grpo"}},
-              {"name": "calibrl-a0.3", "set": {"mode": "calibrl", "slope": 0.3}, "seeds": 8, "role": "secondary"}],
+              {"name": "calibrl-a0.3", "set": {"mode": "calibrl", "slope": 0.3}, "seeds": 8, "role": "secondary",
+               "reference": "calibrl"}],                          # optional: also paired against this arm
      "metrics": {...}}                                          # optional: see calibrl.sweep_summary.METRICS
 
 Runs go to OUT/<arm>/s<seed>/ (the same trainer and files as `compare`). Resuming: a finished run (last history
 step == steps and the final evaluation written) is skipped; an interrupted run continues from its checkpoint; an
 interrupted run without a checkpoint is moved aside to OUT/<arm>/s<seed>.partial-<time>/ (never deleted) and
-restarted. Runs are scheduled seed-major (seed 0 of every primary arm, then its pilot arms, then seed 1, ...;
+restarted. An arm's optional "reference" names another arm it is also paired against (an ablation against
+the setting it varies, e.g. alpha 0.3 against alpha 0.5), besides the baseline. Runs are scheduled seed-major (seed 0 of every primary arm, then its pilot arms, then seed 1, ...;
 secondary arms after the primary ones) so a partial sweep stays balanced across arms. At the end OUT/summary.json, summary.md and report.html (offline) are written.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 SPEC_KEYS = {"name", "budget", "baseline", "seeds", "base", "arms", "metrics", "description", "last_frac"}
-ARM_KEYS = {"name", "set", "seeds", "role", "description"}
+ARM_KEYS = {"name", "set", "seeds", "role", "description", "reference"}
 ROLES = ("pilot", "primary", "secondary")
 """Pilot arms (e.g. to choose a coefficient) are scheduled with the primary arms of their seeds; secondary arms
 after all primary seeds."""
@@ -46,6 +48,7 @@ class Arm:
     seeds: list[int]
     role: str = "primary"  # one of ROLES
     description: str = ""
+    reference: str | None = None  # another arm it is also paired against (an ablation's own setting)
 
 
 @dataclass
@@ -114,10 +117,14 @@ def load_spec(path: str | os.PathLike) -> Spec:
             raise ValueError(f"{where}.set: expected an object of TrainConfig/LossConfig overrides")
         arms.append(Arm(_component(a["name"], f"{where}.name"), dict(overrides),
                         _seeds(a["seeds"], f"{where}.seeds") if "seeds" in a else default_seeds, role,
-                        a.get("description", "")))
+                        a.get("description", ""), a.get("reference")))
     names = [a.name for a in arms]
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"spec.arms: expected distinct arm names, got {names}")
+    for i, arm in enumerate(arms):
+        if arm.reference is not None and (arm.reference not in names or arm.reference == arm.name):
+            raise ValueError(f"spec.arms[{i}].reference: expected the name of another arm (one of "
+                             f"{[n for n in names if n != arm.name]}), got {arm.reference!r}")
     baseline = raw.get("baseline", names[0])
     if baseline not in names:
         raise ValueError(f"spec.baseline: expected one of the arm names {names}, got {baseline!r}")

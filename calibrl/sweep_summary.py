@@ -1,5 +1,5 @@
 """Summaries of a sweep (calibrl.sweep): pre-declared per-run metrics, mean ± 95% CI per arm over seeds, paired
-differences against the baseline arm, and the files summary.json, summary.md and report.html (offline).
+differences against the baseline arm (and, for an arm with a "reference", against that arm too), and the files summary.json, summary.md and report.html (offline).
 
 Per-run metrics are fixed before looking at results (METRICS): final held-out greedy accuracy and pass@k, the
 final held-out format rate, and means over the last `last_frac` (default 20%) of RL steps of the training entropy,
@@ -76,8 +76,13 @@ def collect(spec: Any, out: Path) -> dict[str, dict[int, dict]]:
     return res
 
 
+def _paired(fin: dict[int, dict], other: dict[int, dict]) -> dict[str, dict]:
+    return {m: paired_diff({s: v[m] for s, v in fin.items()}, {s: v[m] for s, v in other.items()}) for m in METRICS}
+
+
 def summarize(spec: Any, out: Path) -> dict:
-    """Per arm: n finished seeds, mean ± CI of each metric, paired difference vs the baseline arm."""
+    """Per arm: n finished seeds, mean ± CI of each metric, paired difference vs the baseline arm ("vs_baseline")
+    and, for an arm with a reference, vs that arm ("reference", "vs_reference")."""
     runs = collect(spec, out)
     base = {s: r["metrics"] for s, r in runs[spec.baseline].items() if r["metrics"]}
     arms = {}
@@ -88,8 +93,10 @@ def summarize(spec: Any, out: Path) -> dict:
                  "seeds_partial": sorted(s for s, r in runs[arm.name].items() if not r["metrics"]),
                  "metrics": {m: mean_ci([v[m] for v in fin.values()]) for m in METRICS}}
         if arm.name != spec.baseline:
-            entry["vs_baseline"] = {m: paired_diff({s: v[m] for s, v in fin.items()},
-                                                   {s: v[m] for s, v in base.items()}) for m in METRICS}
+            entry["vs_baseline"] = _paired(fin, base)
+        if arm.reference is not None:
+            ref = {s: r["metrics"] for s, r in runs[arm.reference].items() if r["metrics"]}
+            entry["reference"], entry["vs_reference"] = arm.reference, _paired(fin, ref)
         entry["runs"] = {str(s): v for s, v in fin.items()}
         arms[arm.name] = entry
     return {"spec": spec.name, "budget": spec.budget, "baseline": spec.baseline, "base": spec.base,
@@ -108,9 +115,22 @@ def _table(summary: dict, metrics: tuple[str, ...], diff: bool) -> list[str]:
     return lines
 
 
+def _reference_table(summary: dict, metrics: tuple[str, ...]) -> list[str]:
+    """arm − reference, paired by seed; "paired seeds" counts the seeds both arms finished."""
+    head = "| arm − reference | paired seeds | " + " | ".join(METRICS[m][2] for m in metrics) + " |"
+    lines = [head, "|" + "---|" * (len(metrics) + 2)]
+    for name, a in summary["arms"].items():
+        if "vs_reference" in a:
+            cells = [fmt_ci(a["vs_reference"][m]) for m in metrics]
+            lines.append(f"| {name} − {a['reference']} | {a['vs_reference'][metrics[0]]['n']} | "
+                         + " | ".join(cells) + " |")
+    return lines
+
+
 def to_markdown(summary: dict) -> str:
-    """summary.md: the per-arm table (mean ± 95% t-interval over seeds), the paired differences, the gate probes and
-    one sentence per paired comparison on VERDICT_METRICS (from `reading`)."""
+    """summary.md: the per-arm table (mean ± 95% t-interval over seeds), the paired differences against the baseline
+    and (arms with a reference) against their reference, the gate probes and one sentence per paired comparison on
+    VERDICT_METRICS (from `reading`)."""
     gate = ("gate_passed_below", "gate_failed_above", "gate_tie_frac", "expert_gap_q50")
     partial = {n: a["seeds_partial"] for n, a in summary["arms"].items() if a["seeds_partial"]}
     lines = [f"# Sweep `{summary['spec']}`", "",
@@ -120,7 +140,11 @@ def to_markdown(summary: dict) -> str:
              "## Paired difference against the baseline", "", *_table(summary, PRIMARY_METRICS, True), "",
              "## Gate probes (what CalibRL's gate does; counterfactual for arms without the guidance term)", "",
              *_table(summary, gate, False), ""]
-    verdicts = [f"- {line}" for m in VERDICT_METRICS for line in reading(summary, m) if "no finished seed" not in line]
+    if any("vs_reference" in a for a in summary["arms"].values()):
+        lines += ["## Paired difference against the arm's reference (ablations against the setting they vary)", "",
+                  *_reference_table(summary, PRIMARY_METRICS), ""]
+    verdicts = [f"- {line}" for against in ("baseline", "reference") for m in VERDICT_METRICS
+                for line in reading(summary, m, against=against) if "no finished seed" not in line]
     if verdicts:
         lines += ["## Paired verdicts", "",
                   "Each 95% interval is for one comparison on its own, not corrected for the "
@@ -274,46 +298,58 @@ def load_study(root: str | os.PathLike = "assets/study", *, spec_file: str = "sp
     return {"spec": spec, "summary": summary, "histories": histories, "root": root}
 
 
-def reading(summary: dict, metric: str, *, digits: int = 3) -> list[str]:
-    """One plain sentence per arm: its paired difference to the baseline on `metric`, and whether the 95% CI
-    excludes 0 ("outside the seed band") or not."""
+def reading(summary: dict, metric: str, *, digits: int = 3, against: str = "baseline") -> list[str]:
+    """One plain sentence per arm: its paired difference to the baseline (`against="reference"`: to its reference
+    arm, for the arms that have one) on `metric`, and whether the 95% CI excludes 0 or not."""
+    if metric not in METRICS:
+        raise ValueError(f"metric: unknown {metric!r} (known: {sorted(METRICS)})")
+    if against not in ("baseline", "reference"):
+        raise ValueError(f"against: expected 'baseline' or 'reference', got {against!r}")
     label = METRICS[metric][2]
     lines = []
     for name, a in summary["arms"].items():
-        d = a.get("vs_baseline", {}).get(metric)
+        d = a.get(f"vs_{against}", {}).get(metric)
         if d is None:
             continue
+        other = summary["baseline"] if against == "baseline" else a["reference"]
         if d["mean"] is None:
-            lines.append(f"{name}: no finished seed paired with {summary['baseline']} yet")
+            lines.append(f"{name}: no finished seed paired with {other} yet")
         elif d["half"] is None:
-            lines.append(f"{name}: {label} {d['mean']:+.{digits}f} vs {summary['baseline']} on 1 seed (no interval)")
+            lines.append(f"{name}: {label} {d['mean']:+.{digits}f} vs {other} on 1 seed (no interval)")
         else:
             sig = "a difference beyond seed noise" if d["lo"] > 0 or d["hi"] < 0 else "within seed noise"
             lines.append(f"{name}: {label} {d['mean']:+.{digits}f} (95% CI {d['lo']:+.{digits}f} to "
-                         f"{d['hi']:+.{digits}f}) vs {summary['baseline']} over {d['n']} paired seeds: {sig} "
+                         f"{d['hi']:+.{digits}f}) vs {other} over {d['n']} paired seeds: {sig} "
                          f"(higher in {d['wins']}/{d['n']} seeds, sign test p = {d['sign_p']:.2g})")
     return lines
 
 
-def arm_frame(summary: dict, metrics: tuple[str, ...] = PRIMARY_METRICS, *, diff: bool = False):
+def arm_frame(summary: dict, metrics: tuple[str, ...] = PRIMARY_METRICS, *, diff: bool = False,
+              against: str = "baseline"):
     """A pandas DataFrame of the summary: one row per arm, `n` finished seeds, and per metric its mean and the CI
-    half-width (column "<metric> ±"); `diff=True` gives the paired differences against the baseline instead."""
+    half-width (column "<metric> ±"); `diff=True` gives the paired differences against the baseline instead
+    (`against="reference"`: against each arm's reference, arms without one left out; column "reference")."""
     import pandas as pd
 
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"metrics: unknown {unknown} (known: {sorted(METRICS)})")
+    if against not in ("baseline", "reference"):
+        raise ValueError(f"against: expected 'baseline' or 'reference', got {against!r}")
+    key = f"vs_{against}"
     rows = []
     for arm, a in summary["arms"].items():
-        if diff and "vs_baseline" not in a:
+        if diff and key not in a:
             continue
-        src = a["vs_baseline"] if diff else a["metrics"]
+        src = a[key] if diff else a["metrics"]
         row: dict[str, Any] = {"arm": arm, "n": src[metrics[0]]["n"] if diff else len(a["seeds_done"])}
+        if diff and against == "reference":
+            row["reference"] = a["reference"]
         for m in metrics:
             row[m] = None if src[m]["mean"] is None else round(src[m]["mean"], 4)
             row[m + " ±"] = None if src[m]["half"] is None else round(src[m]["half"], 4)
         rows.append(row)
-    return pd.DataFrame(rows).set_index("arm")
+    return pd.DataFrame(rows, columns=None if rows else ["arm", "n"]).set_index("arm")  # no rows: empty, same index
 
 
 def stand_in_study(root: str | os.PathLike) -> dict:

@@ -86,6 +86,8 @@ def test_sign_test_rejects_non_counts(bad):
     ({"arms": [{"name": "a", "set": {"no_such_field": 1}}], "baseline": "a"}, "no_such_field"),
     ({"arms": [{"name": "a", "role": "main"}], "baseline": "a"}, "role"),
     ({"last_frac": 0}, "last_frac"),
+    ({"arms": [{"name": "grpo"}, {"name": "b", "reference": "nope"}]}, r"arms\[1\].reference.*'grpo'"),
+    ({"arms": [{"name": "grpo"}, {"name": "b", "reference": "b"}]}, r"arms\[1\].reference: expected the name of another"),
 ])
 def test_bad_specs_raise_naming_the_problem(tmp_path, patch, match):
     with pytest.raises(ValueError, match=match):
@@ -277,6 +279,47 @@ def test_real_sweep_two_workers_then_summarize_only(tmp_path):
     res = subprocess.run(cmd + ["--summarize-only"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and (out / "summary.md").read_text() == first
     assert "| calibrl | 1 |" in first
+
+
+def test_ablation_is_paired_against_its_reference_arm(tmp_path):
+    """An arm with "reference" gets paired differences against that arm (by seed, only seeds both finished),
+    its own table in summary.md and verdict sentences naming the reference; arm_frame/reading select it."""
+    spec_d = {**SPEC, "seeds": 3, "arms": [
+        {"name": "grpo", "set": {"mode": "grpo"}},
+        {"name": "calibrl", "set": {"mode": "calibrl"}},
+        {"name": "a0.3", "set": {"mode": "calibrl", "slope": 0.3}, "role": "secondary", "reference": "calibrl"}]}
+    spec = sweep.load_spec(write_spec(tmp_path, spec_d))
+    out = tmp_path / "out"
+    acc = {"grpo": [0.5, 0.5, 0.5], "calibrl": [0.75, 0.5, None], "a0.3": [0.5, 0.25, 0.25]}
+    for arm, vals in acc.items():
+        for seed, v in enumerate(vals):
+            if v is not None:
+                fake_run(out / arm / f"s{seed}", 2, values={2: {"acc": v}})
+    summary = sweep_summary.write_summary(spec, out)
+    a = summary["arms"]["a0.3"]
+    d = a["vs_reference"]["final_greedy_acc"]
+    assert a["reference"] == "calibrl" and d["seeds"] == [0, 1]  # calibrl seed 2 unfinished: not paired
+    assert d["mean"] == -0.25 and d["losses"] == 2 and d["half"] is not None and d["half"] < 1e-9  # both -0.25
+    assert a["vs_baseline"]["final_greedy_acc"]["seeds"] == [0, 1, 2]
+    assert "vs_reference" not in summary["arms"]["calibrl"] and "reference" not in summary["arms"]["grpo"]
+    md = (out / "summary.md").read_text()
+    table = md.split("## Paired difference against the arm's reference", 1)[1]
+    assert "| a0.3 − calibrl | 2 | -0.250 ± 0.000 |" in table
+    ref_lines = sweep_summary.reading(summary, "final_greedy_acc", against="reference")
+    assert ref_lines == [ln for ln in ref_lines if ln.startswith("a0.3: ")] and len(ref_lines) == 1
+    assert "-0.250" in ref_lines[0] and "vs calibrl over 2 paired seeds" in ref_lines[0]
+    assert f"- {ref_lines[0]}" in md.split("## Paired verdicts", 1)[1]
+    frame = sweep_summary.arm_frame(summary, diff=True, against="reference")
+    assert list(frame.index) == ["a0.3"] and frame.loc["a0.3", "reference"] == "calibrl"
+    assert frame.loc["a0.3", "n"] == 2 and frame.loc["a0.3", "final_greedy_acc"] == -0.25
+    (tmp_path / "plain").mkdir()
+    no_ref = sweep_summary.summarize(sweep.load_spec(write_spec(tmp_path / "plain", SPEC)), tmp_path / "none")
+    empty = sweep_summary.arm_frame(no_ref, diff=True, against="reference")  # a spec without references: empty
+    assert len(empty) == 0 and empty.index.name == "arm"
+    with pytest.raises(ValueError, match="against"):
+        sweep_summary.reading(summary, "final_greedy_acc", against="calibrl")
+    with pytest.raises(ValueError, match="metric"):
+        sweep_summary.reading(summary, "accuracy")
 
 
 def test_load_study_and_reading(tmp_path):
