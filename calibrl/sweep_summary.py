@@ -5,6 +5,8 @@ Per-run metrics are fixed before looking at results (METRICS): final held-out gr
 final held-out format rate, and means over the last `last_frac` (default 20%) of RL steps of the training entropy,
 format rate, accuracy, uniform-group fraction and KL to the start policy; plus the gate probes that explain them
 (averaged over all steps: share of passed / failed tokens on the weight-1 side, ties, median logp - e_t).
+POST_HOC metrics were added after results were seen and are reported apart, labelled so: whether entropy is still
+moving at the end (second half of the last `last_frac` of steps minus its first half).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from calibrl.runfiles import atomic_write_bytes, atomic_write_text
 from calibrl.stats import fmt_ci, mean_ci, paired_diff
 
 # name -> (history column, how, label); how: "final" (last row that has it), "last" (mean over the last
-# last_frac of steps), "all" (mean over all steps)
+# last_frac of steps), "all" (mean over all steps), "trend" (within the last last_frac of steps: mean of its second
+# half minus mean of its first half)
 METRICS: dict[str, tuple[str, str, str]] = {
     "final_greedy_acc": ("eval_greedy_acc", "final", "final greedy accuracy (held-out)"),
     "final_pass_at_k": ("eval_pass_at_k", "final", "final pass@k (held-out)"),
@@ -33,7 +36,9 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "gate_failed_above": ("gate_failed_above", "all", "failed tokens on the weight-1 side (all steps)"),
     "gate_tie_frac": ("gate_tie_frac", "all", "tokens with logp = e_t exactly (all steps)"),
     "expert_gap_q50": ("expert_gap_q50", "all", "median logp − e_t (all steps)"),
+    "entropy_trend_last": ("entropy_mean", "trend", "entropy change within the last 20% (2nd half − 1st half)"),
 }
+POST_HOC = ("entropy_trend_last",)  # added after the first results (is entropy still moving at 250 steps?)
 PRIMARY_METRICS = ("final_greedy_acc", "final_pass_at_k", "entropy_last", "format_last", "uniform_last", "kl_last")
 VERDICT_METRICS = ("final_greedy_acc", "final_pass_at_k", "entropy_last")  # the sentences under the tables
 CURVES = (("entropy_mean", "entropy"), ("acc_mean", "training accuracy"), ("eval_greedy_acc", "held-out greedy acc"),
@@ -43,12 +48,17 @@ RANGES = {"entropy_mean": (0.0, None), "kl_to_start": (0.0, None)}  # others are
 
 def run_metrics(rows: list[dict], steps: int, last_frac: float) -> dict[str, float | None]:
     """The METRICS of one run's history rows."""
-    cut = steps - max(1, round(last_frac * steps))
+    window = max(1, round(last_frac * steps))
+    cut, mid = steps - window, steps - window // 2
     out: dict[str, float | None] = {}
     for name, (col, how, _) in METRICS.items():
         vals = [(r["step"], r.get(col)) for r in rows if r.get(col) is not None]
         if how == "final":
             out[name] = float(vals[-1][1]) if vals and vals[-1][0] == steps else None
+        elif how == "trend":
+            first = [v for s, v in vals if cut < s <= mid]
+            second = [v for s, v in vals if s > mid]
+            out[name] = sum(second) / len(second) - sum(first) / len(first) if first and second else None
         else:
             sel = [v for s, v in vals if how == "all" or s > cut]
             out[name] = sum(sel) / len(sel) if sel else None
@@ -140,6 +150,8 @@ def to_markdown(summary: dict) -> str:
              "## Paired difference against the baseline", "", *_table(summary, PRIMARY_METRICS, True), "",
              "## Gate probes (what CalibRL's gate does; counterfactual for arms without the guidance term)", "",
              *_table(summary, gate, False), ""]
+    lines += ["## Still moving at the end? (post hoc: added after the first results, not pre-declared)", "",
+              *_table(summary, POST_HOC, False), ""]
     if any("vs_reference" in a for a in summary["arms"].values()):
         lines += ["## Paired difference against the arm's reference (ablations against the setting they vary)", "",
                   *_reference_table(summary, PRIMARY_METRICS), ""]

@@ -158,6 +158,10 @@ def test_run_metrics_by_hand():
     assert m["uniform_last"] == 0.5            # None at step 10 is skipped, not read as 0
     assert m["final_greedy_acc"] == 0.25       # the last step's value, not the best one
     assert m["final_pass_at_k"] is None and m["gate_tie_frac"] is None
+    assert m["entropy_trend_last"] == 1.0      # window steps 9-10: step 10 minus step 9
+    assert sweep_summary.run_metrics(rows, 10, 0.4)["entropy_trend_last"] == 2.0  # mean(9, 10) - mean(7, 8)
+    assert sweep_summary.run_metrics(rows, 10, 0.1)["entropy_trend_last"] is None  # a 1-step window has no halves
+    assert set(sweep_summary.POST_HOC) <= set(m)
 
 
 def test_summary_pairs_seeds_and_rebuilds_identically(tmp_path):
