@@ -16,9 +16,10 @@ A spec is a JSON file:
 Runs go to OUT/<arm>/s<seed>/ (the same trainer and files as `compare`). Resuming: a finished run (last history
 step == steps and the final evaluation written) is skipped; an interrupted run continues from its checkpoint; an
 interrupted run without a checkpoint is moved aside to OUT/<arm>/s<seed>.partial-<time>/ (never deleted) and
-restarted. An arm's optional "reference" names another arm it is also paired against (an ablation against
-the setting it varies, e.g. alpha 0.3 against alpha 0.5), besides the baseline. Runs are scheduled seed-major (seed 0 of every primary arm, then its pilot arms, then seed 1, ...;
-secondary arms after the primary ones) so a partial sweep stays balanced across arms. At the end OUT/summary.json, summary.md and report.html (offline) are written.
+restarted. An arm's optional "reference" names another arm it is also paired against (an ablation against the
+setting it varies, e.g. alpha 0.3 against alpha 0.5), besides the baseline. Runs are scheduled seed-major (seed 0 of
+every primary arm, then its pilot arms, then seed 1, ...; secondary arms after the primary ones) so a partial sweep
+stays balanced across arms. At the end OUT/summary.json, summary.md and report.html (offline) are written.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Summaries of a sweep (calibrl.sweep): pre-declared per-run metrics, mean ± 95% CI per arm over seeds, paired
-differences against the baseline arm (and, for an arm with a "reference", against that arm too), and the files summary.json, summary.md and report.html (offline).
+differences against the baseline arm (and, for an arm with a "reference", against that arm too), and the files
+summary.json, summary.md and report.html (offline).
 
 Per-run metrics are fixed before looking at results (METRICS): final held-out greedy accuracy and pass@k, the
 final held-out format rate, and means over the last `last_frac` (default 20%) of RL steps of the training entropy,
@@ -181,7 +182,6 @@ def write_summary(spec: Any, out: Path) -> dict:
 
 def to_html(summary: dict, runs: dict) -> str:
     """Offline report: the tables and one curve figure per CURVES metric (mean ± CI band per arm, clamped)."""
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     from calibrl.stats import mean_ci as ci
@@ -233,8 +233,8 @@ def to_html(summary: dict, runs: dict) -> str:
     body = fig.to_html(full_html=False, include_plotlyjs=True)
     return ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(f"sweep {summary['spec']}")
             + "</title><style>body{font-family:sans-serif;max-width:1200px;margin:auto}td{padding:2px 8px;"
-              "border-bottom:1px solid #ddd}ul{margin:4px 0}</style></head><body><table>" + "".join(rows_html) + "</table>"
-            + body + "</body></html>")
+              "border-bottom:1px solid #ddd}ul{margin:4px 0}</style></head><body><table>" + "".join(rows_html)
+            + "</table>" + body + "</body></html>")
 
 
 def _round(value: Any, digits: int = 6) -> Any:

@@ -87,7 +87,7 @@ def test_sign_test_rejects_non_counts(bad):
     ({"arms": [{"name": "a", "role": "main"}], "baseline": "a"}, "role"),
     ({"last_frac": 0}, "last_frac"),
     ({"arms": [{"name": "grpo"}, {"name": "b", "reference": "nope"}]}, r"arms\[1\].reference.*'grpo'"),
-    ({"arms": [{"name": "grpo"}, {"name": "b", "reference": "b"}]}, r"arms\[1\].reference: expected the name of another"),
+    ({"arms": [{"name": "grpo"}, {"name": "b", "reference": "b"}]}, r"arms\[1\].reference: expected the name of an"),
 ])
 def test_bad_specs_raise_naming_the_problem(tmp_path, patch, match):
     with pytest.raises(ValueError, match=match):
@@ -327,7 +327,7 @@ def test_ablation_is_paired_against_its_reference_arm(tmp_path):
 
 
 def test_load_study_and_reading(tmp_path):
-    p = write_spec(tmp_path)
+    write_spec(tmp_path)
     out = tmp_path
     for seed, (g, c) in enumerate([(0.5, 0.75), (0.25, 0.75)]):
         fake_run(out / "grpo" / f"s{seed}", 2, values={2: {"acc": g}})
@@ -338,7 +338,7 @@ def test_load_study_and_reading(tmp_path):
     assert lines[0].startswith("calibrl: final greedy accuracy (held-out) +0.375 (95% CI")
     assert "within seed noise" in lines[0]  # n = 2: t = 12.7, the band is wide
     assert any("pilot: no finished seed" in x for x in lines)
-    md = sweep_summary.to_markdown(study["summary"])  # the verdict sentences sit under the tables, arms without seeds left out
+    md = sweep_summary.to_markdown(study["summary"])  # verdicts sit under the tables; arms without seeds left out
     assert f"- {lines[0]}" in md.split("## Paired verdicts", 1)[1] and "pilot: no finished seed" not in md
     one = sweep_summary.load_study(out, max_seeds=1)
     assert one["summary"]["arms"]["calibrl"]["seeds_done"] == [0]
