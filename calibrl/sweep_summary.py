@@ -115,27 +115,29 @@ def summarize(spec: Any, out: Path) -> dict:
             "n_runs": sum(len(a["seeds_done"]) for a in arms.values()), "_runs": runs}
 
 
-def _table(summary: dict, metrics: tuple[str, ...], diff: bool) -> list[str]:
-    head = "| arm | seeds | " + " | ".join(METRICS[m][2] for m in metrics) + " |"
+def _table(summary: dict, metrics: tuple[str, ...], diff: bool, against: str = "baseline") -> list[str]:
+    """Per-arm means (diff=False) or paired differences; against="reference" labels rows "arm − reference" and
+    counts the paired seeds (the seeds both arms finished)."""
+    by_ref = diff and against == "reference"
+    head = ("| arm − reference | paired seeds | " if by_ref else "| arm | seeds | ") \
+        + " | ".join(METRICS[m][2] for m in metrics) + " |"
     lines = [head, "|" + "---|" * (len(metrics) + 2)]
     for name, a in summary["arms"].items():
-        if diff and "vs_baseline" not in a:
+        src = a.get(f"vs_{against}") if diff else a["metrics"]
+        if src is None:
             continue
-        cells = [fmt_ci(a["vs_baseline"][m] if diff else a["metrics"][m]) for m in metrics]
-        lines.append(f"| {name} | {len(a['seeds_done'])} | " + " | ".join(cells) + " |")
+        label, n = (f"{name} − {a['reference']}", src[metrics[0]]["n"]) if by_ref else (name, len(a["seeds_done"]))
+        lines.append(f"| {label} | {n} | " + " | ".join(fmt_ci(src[m]) for m in metrics) + " |")
     return lines
 
 
-def _reference_table(summary: dict, metrics: tuple[str, ...]) -> list[str]:
-    """arm − reference, paired by seed; "paired seeds" counts the seeds both arms finished."""
-    head = "| arm − reference | paired seeds | " + " | ".join(METRICS[m][2] for m in metrics) + " |"
-    lines = [head, "|" + "---|" * (len(metrics) + 2)]
-    for name, a in summary["arms"].items():
-        if "vs_reference" in a:
-            cells = [fmt_ci(a["vs_reference"][m]) for m in metrics]
-            lines.append(f"| {name} − {a['reference']} | {a['vs_reference'][metrics[0]]['n']} | "
-                         + " | ".join(cells) + " |")
-    return lines
+AGAINST = ("baseline", "reference")  # what a paired difference is taken against
+
+
+def _check_against(against: str) -> str:
+    if against not in AGAINST:
+        raise ValueError(f"against: expected one of {AGAINST}, got {against!r}")
+    return f"vs_{against}"
 
 
 def to_markdown(summary: dict) -> str:
@@ -155,8 +157,8 @@ def to_markdown(summary: dict) -> str:
               *_table(summary, POST_HOC, False), ""]
     if any("vs_reference" in a for a in summary["arms"].values()):
         lines += ["## Paired difference against the arm's reference (ablations against the setting they vary)", "",
-                  *_reference_table(summary, PRIMARY_METRICS), ""]
-    verdicts = [f"- {line}" for against in ("baseline", "reference") for m in VERDICT_METRICS
+                  *_table(summary, PRIMARY_METRICS, True, "reference"), ""]
+    verdicts = [f"- {line}" for against in AGAINST for m in VERDICT_METRICS
                 for line in reading(summary, m, against=against) if "no finished seed" not in line]
     if verdicts:
         lines += ["## Paired verdicts", "",
@@ -315,12 +317,11 @@ def reading(summary: dict, metric: str, *, digits: int = 3, against: str = "base
     arm, for the arms that have one) on `metric`, and whether the 95% CI excludes 0 or not."""
     if metric not in METRICS:
         raise ValueError(f"metric: unknown {metric!r} (known: {sorted(METRICS)})")
-    if against not in ("baseline", "reference"):
-        raise ValueError(f"against: expected 'baseline' or 'reference', got {against!r}")
+    key = _check_against(against)
     label = METRICS[metric][2]
     lines = []
     for name, a in summary["arms"].items():
-        d = a.get(f"vs_{against}", {}).get(metric)
+        d = a.get(key, {}).get(metric)
         if d is None:
             continue
         other = summary["baseline"] if against == "baseline" else a["reference"]
@@ -346,9 +347,7 @@ def arm_frame(summary: dict, metrics: tuple[str, ...] = PRIMARY_METRICS, *, diff
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"metrics: unknown {unknown} (known: {sorted(METRICS)})")
-    if against not in ("baseline", "reference"):
-        raise ValueError(f"against: expected 'baseline' or 'reference', got {against!r}")
-    key = f"vs_{against}"
+    key = _check_against(against)
     rows = []
     for arm, a in summary["arms"].items():
         if diff and key not in a:
