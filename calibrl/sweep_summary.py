@@ -23,21 +23,21 @@ from calibrl.stats import fmt_ci, mean_ci, paired_diff
 
 # name -> (history column, how, label); how: "final" (last row that has it), "last" (mean over the last
 # last_frac of steps), "all" (mean over all steps), "trend" (within the last last_frac of steps: mean of its second
-# half minus mean of its first half)
+# half minus mean of its first half); "{last}" in a label is the spec's window, e.g. "20%" (metric_label)
 METRICS: dict[str, tuple[str, str, str]] = {
     "final_greedy_acc": ("eval_greedy_acc", "final", "final greedy accuracy (held-out)"),
     "final_pass_at_k": ("eval_pass_at_k", "final", "final pass@k (held-out)"),
     "final_format": ("eval_format_rate", "final", "final greedy format rate (held-out)"),
-    "entropy_last": ("entropy_mean", "last", "entropy, last 20% of steps"),
-    "train_acc_last": ("acc_mean", "last", "training accuracy, last 20%"),
-    "format_last": ("format_rate", "last", "training format rate, last 20%"),
-    "uniform_last": ("uniform_frac", "last", "uniform-group fraction, last 20%"),
-    "kl_last": ("kl_to_start", "last", "KL to the start policy, last 20%"),
+    "entropy_last": ("entropy_mean", "last", "entropy, last {last} of steps"),
+    "train_acc_last": ("acc_mean", "last", "training accuracy, last {last}"),
+    "format_last": ("format_rate", "last", "training format rate, last {last}"),
+    "uniform_last": ("uniform_frac", "last", "uniform-group fraction, last {last}"),
+    "kl_last": ("kl_to_start", "last", "KL to the start policy, last {last}"),
     "gate_passed_below": ("gate_passed_below", "all", "passed tokens on the weight-1 side (all steps)"),
     "gate_failed_above": ("gate_failed_above", "all", "failed tokens on the weight-1 side (all steps)"),
     "gate_tie_frac": ("gate_tie_frac", "all", "tokens with logp = e_t exactly (all steps)"),
     "expert_gap_q50": ("expert_gap_q50", "all", "median logp − e_t (all steps)"),
-    "entropy_trend_last": ("entropy_mean", "trend", "entropy change within the last 20% (2nd half − 1st half)"),
+    "entropy_trend_last": ("entropy_mean", "trend", "entropy change within the last {last} (2nd half − 1st half)"),
 }
 POST_HOC = ("entropy_trend_last",)  # added after the first results (is entropy still moving at 250 steps?)
 PRIMARY_METRICS = ("final_greedy_acc", "final_pass_at_k", "entropy_last", "format_last", "uniform_last", "kl_last")
@@ -45,6 +45,19 @@ VERDICT_METRICS = ("final_greedy_acc", "final_pass_at_k", "entropy_last")  # the
 CURVES = (("entropy_mean", "entropy"), ("acc_mean", "training accuracy"), ("eval_greedy_acc", "held-out greedy acc"),
           ("uniform_frac", "uniform groups"))
 RANGES = {"entropy_mean": (0.0, None), "kl_to_start": (0.0, None)}  # others are fractions in [0, 1]
+
+
+def metric_label(metric: str, last_frac: float) -> str:
+    """The human label of `metric` with the averaging window written out: last_frac 0.2 -> "... last 20% ..."."""
+    if metric not in METRICS:
+        raise ValueError(f"metric: unknown {metric!r} (known: {sorted(METRICS)})")
+    if isinstance(last_frac, bool) or not isinstance(last_frac, (int, float)) or not 0 < last_frac <= 1:
+        raise ValueError(f"last_frac: expected a number in (0, 1], got {last_frac!r}")
+    return METRICS[metric][2].format(last=f"{100 * last_frac:.4g}%")
+
+
+def _label(summary: dict, metric: str) -> str:
+    return summary.get("metrics", {}).get(metric) or metric_label(metric, summary.get("last_frac", 0.2))
 
 
 def run_metrics(rows: list[dict], steps: int, last_frac: float) -> dict[str, float | None]:
@@ -111,7 +124,7 @@ def summarize(spec: Any, out: Path) -> dict:
         entry["runs"] = {str(s): v for s, v in fin.items()}
         arms[arm.name] = entry
     return {"spec": spec.name, "budget": spec.budget, "baseline": spec.baseline, "base": spec.base,
-            "last_frac": spec.last_frac, "metrics": {k: v[2] for k, v in METRICS.items()}, "arms": arms,
+            "last_frac": spec.last_frac, "metrics": {k: metric_label(k, spec.last_frac) for k in METRICS}, "arms": arms,
             "n_runs": sum(len(a["seeds_done"]) for a in arms.values()), "_runs": runs}
 
 
@@ -120,7 +133,7 @@ def _table(summary: dict, metrics: tuple[str, ...], diff: bool, against: str = "
     counts the paired seeds (the seeds both arms finished)."""
     by_ref = diff and against == "reference"
     head = ("| arm − reference | paired seeds | " if by_ref else "| arm | seeds | ") \
-        + " | ".join(METRICS[m][2] for m in metrics) + " |"
+        + " | ".join(_label(summary, m) for m in metrics) + " |"
     lines = [head, "|" + "---|" * (len(metrics) + 2)]
     for name, a in summary["arms"].items():
         src = a.get(f"vs_{against}") if diff else a["metrics"]
@@ -318,7 +331,7 @@ def reading(summary: dict, metric: str, *, digits: int = 3, against: str = "base
     if metric not in METRICS:
         raise ValueError(f"metric: unknown {metric!r} (known: {sorted(METRICS)})")
     key = _check_against(against)
-    label = METRICS[metric][2]
+    label = _label(summary, metric)
     lines = []
     for name, a in summary["arms"].items():
         d = a.get(key, {}).get(metric)

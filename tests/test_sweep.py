@@ -347,6 +347,24 @@ def test_load_study_and_reading(tmp_path):
         sweep_summary.load_study(out, max_seeds=0)
 
 
+def test_labels_state_the_specs_window_not_a_fixed_20_percent(tmp_path):
+    """A spec with last_frac 0.3 averages over the last 30% of steps; its tables and sentences must say 30%."""
+    write_spec(tmp_path, {**SPEC, "last_frac": 0.3})
+    for seed in (0, 1):
+        fake_run(tmp_path / "grpo" / f"s{seed}", 2, values={2: {"acc": 0.5}})
+        fake_run(tmp_path / "calibrl" / f"s{seed}", 2, values={2: {"acc": 0.25 * (seed + 2)}})
+    summary = sweep_summary.load_study(tmp_path)["summary"]
+    md = sweep_summary.to_markdown(summary)
+    assert "entropy, last 30% of steps" in md and "uniform-group fraction, last 30%" in md and "20%" not in md
+    assert summary["metrics"]["kl_last"] == "KL to the start policy, last 30%"
+    assert sweep_summary.reading(summary, "entropy_last")[0].startswith("calibrl: entropy, last 30% of steps")
+    assert sweep_summary.metric_label("entropy_trend_last", 0.125) == \
+        "entropy change within the last 12.5% (2nd half − 1st half)"
+    assert sweep_summary.metric_label("final_greedy_acc", 0.3) == "final greedy accuracy (held-out)"
+    with pytest.raises(ValueError, match="last_frac"):
+        sweep_summary.metric_label("entropy_last", 0)
+
+
 def test_readme_tables_are_the_shipped_study_summary():
     """`python -m calibrl sweep assets/study/spec.json --out assets/study --summarize-only` regenerates the README's
     study tables exactly from the shipped run files."""
