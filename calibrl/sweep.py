@@ -6,12 +6,16 @@ a summary with confidence intervals over seeds and paired differences against th
 
 A spec is a JSON file:
 
-    {"name": "...", "budget": "small", "baseline": "grpo", "seeds": 16,
-     "base": {"steps": 250, "eval_every": 50, ...},           # TrainConfig/LossConfig overrides for every arm
+    {"name": "...", "budget": "small", "baseline": "grpo", "seeds": 16, "steps": 250,
+     "base": {"eval_every": 50, ...},                          # TrainConfig/LossConfig overrides for every arm
      "arms": [{"name": "grpo", "set": {"mode": "grpo"}},
               {"name": "calibrl-a0.3", "set": {"mode": "calibrl", "slope": 0.3}, "seeds": 8, "role": "secondary",
                "reference": "calibrl"}],                          # optional: also paired against this arm
-     "metrics": {...}}                                          # optional: see calibrl.sweep_summary.METRICS
+     "metrics": ["final_greedy_acc", "entropy_last", ...]}   # optional: the tables' columns (sweep_summary.METRICS)
+
+"steps" is short for base.steps. "metrics" declares, before any run, the metrics the summary's tables show (default
+sweep_summary.PRIMARY_METRICS); the verdict sentences cover the declared ones among VERDICT_METRICS (all declared
+ones when none is).
 
 Runs go to OUT/<arm>/s<seed>/ (the same trainer and files as `compare`). Resuming: a finished run (last history
 step == steps and the final evaluation written) is skipped; an interrupted run continues from its checkpoint; an
@@ -33,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SPEC_KEYS = {"name", "budget", "baseline", "seeds", "base", "arms", "metrics", "description", "last_frac"}
+SPEC_KEYS = {"name", "budget", "baseline", "seeds", "steps", "base", "arms", "metrics", "description", "last_frac"}
 ARM_KEYS = {"name", "set", "seeds", "role", "description", "reference"}
 ROLES = ("pilot", "primary", "secondary")
 """Pilot arms (e.g. to choose a coefficient) are scheduled with the primary arms of their seeds; secondary arms
@@ -63,6 +67,7 @@ class Spec:
     description: str = ""
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    metrics: tuple[str, ...] = ()  # the declared metrics (load_spec fills in the default)
 
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
@@ -83,6 +88,21 @@ def _component(name: Any, where: str) -> str:
             or name.startswith("."):
         raise ValueError(f"{where}: expected a plain name (one path component, no '/', '..'), got {name!r}")
     return name
+
+
+def _metrics(value: Any) -> tuple[str, ...]:
+    from calibrl.sweep_summary import METRICS, PRIMARY_METRICS
+
+    if value is None:
+        return PRIMARY_METRICS
+    if not isinstance(value, list) or not value or not all(isinstance(m, str) for m in value):
+        raise ValueError(f"spec.metrics: expected a non-empty list of metric names, got {value!r}")
+    unknown = [m for m in value if m not in METRICS]
+    if unknown:
+        raise ValueError(f"spec.metrics: unknown {unknown} (known: {sorted(METRICS)})")
+    if len(set(value)) != len(value):
+        raise ValueError(f"spec.metrics: expected distinct names, got {value}")
+    return tuple(value)
 
 
 def load_spec(path: str | os.PathLike) -> Spec:
@@ -132,11 +152,18 @@ def load_spec(path: str | os.PathLike) -> Spec:
     base = raw.get("base", {})
     if not isinstance(base, dict):
         raise ValueError("spec.base: expected an object of TrainConfig/LossConfig overrides")
+    if "steps" in raw:
+        steps = raw["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"spec.steps: expected an int >= 1, got {steps!r}")
+        if "steps" in base and base["steps"] != steps:
+            raise ValueError(f"spec.steps: {steps} disagrees with spec.base.steps {base['steps']!r} (give one)")
+        base = {**base, "steps": steps}
     last_frac = raw.get("last_frac", 0.2)
     if isinstance(last_frac, bool) or not isinstance(last_frac, (int, float)) or not 0 < last_frac <= 1:
         raise ValueError(f"spec.last_frac: expected a number in (0, 1], got {last_frac!r}")
     spec = Spec(_component(raw["name"], "spec.name"), raw.get("budget", "small"), baseline, base, arms,
-                float(last_frac), raw.get("description", ""), path, raw)
+                float(last_frac), raw.get("description", ""), path, raw, _metrics(raw.get("metrics")))
     for arm in arms:
         config_for(spec, arm, arm.seeds[0])  # validates the overrides
     return spec

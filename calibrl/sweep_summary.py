@@ -124,7 +124,8 @@ def summarize(spec: Any, out: Path) -> dict:
         entry["runs"] = {str(s): v for s, v in fin.items()}
         arms[arm.name] = entry
     return {"spec": spec.name, "budget": spec.budget, "baseline": spec.baseline, "base": spec.base,
-            "last_frac": spec.last_frac, "metrics": {k: metric_label(k, spec.last_frac) for k in METRICS}, "arms": arms,
+            "last_frac": spec.last_frac, "metrics": {k: metric_label(k, spec.last_frac) for k in METRICS},
+            "declared": list(spec.metrics or PRIMARY_METRICS), "arms": arms,
             "n_runs": sum(len(a["seeds_done"]) for a in arms.values()), "_runs": runs}
 
 
@@ -156,22 +157,25 @@ def _check_against(against: str) -> str:
 def to_markdown(summary: dict) -> str:
     """summary.md: the per-arm table (mean ± 95% t-interval over seeds), the paired differences against the baseline
     and (arms with a reference) against their reference, the gate probes and one sentence per paired comparison on
-    VERDICT_METRICS (from `reading`)."""
+    VERDICT_METRICS (from `reading`). The tables show the spec's declared metrics (default PRIMARY_METRICS), the
+    verdicts the declared ones among VERDICT_METRICS (all declared ones when none is)."""
+    declared = tuple(summary.get("declared") or PRIMARY_METRICS)
+    verdict_metrics = tuple(m for m in declared if m in VERDICT_METRICS) or declared
     gate = ("gate_passed_below", "gate_failed_above", "gate_tie_frac", "expert_gap_q50")
     partial = {n: a["seeds_partial"] for n, a in summary["arms"].items() if a["seeds_partial"]}
     lines = [f"# Sweep `{summary['spec']}`", "",
              f"Budget `{summary['budget']}` with {json.dumps(summary['base'])}; baseline arm `{summary['baseline']}`. "
              f"Mean ± 95% t-interval over finished seeds; differences are paired by seed (arm − baseline).", "",
-             "## Per arm", "", *_table(summary, PRIMARY_METRICS, False), "",
-             "## Paired difference against the baseline", "", *_table(summary, PRIMARY_METRICS, True), "",
+             "## Per arm", "", *_table(summary, declared, False), "",
+             "## Paired difference against the baseline", "", *_table(summary, declared, True), "",
              "## Gate probes (what CalibRL's gate does; counterfactual for arms without the guidance term)", "",
              *_table(summary, gate, False), ""]
     lines += ["## Still moving at the end? (post hoc: added after the first results, not pre-declared)", "",
               *_table(summary, POST_HOC, False), ""]
     if any("vs_reference" in a for a in summary["arms"].values()):
         lines += ["## Paired difference against the arm's reference (ablations against the setting they vary)", "",
-                  *_table(summary, PRIMARY_METRICS, True, "reference"), ""]
-    verdicts = [f"- {line}" for against in AGAINST for m in VERDICT_METRICS
+                  *_table(summary, declared, True, "reference"), ""]
+    verdicts = [f"- {line}" for against in AGAINST for m in verdict_metrics
                 for line in reading(summary, m, against=against) if "no finished seed" not in line]
     if verdicts:
         lines += ["## Paired verdicts", "",

@@ -88,6 +88,12 @@ def test_sign_test_rejects_non_counts(bad):
     ({"last_frac": 0}, "last_frac"),
     ({"arms": [{"name": "grpo"}, {"name": "b", "reference": "nope"}]}, r"arms\[1\].reference.*'grpo'"),
     ({"arms": [{"name": "grpo"}, {"name": "b", "reference": "b"}]}, r"arms\[1\].reference: expected the name of an"),
+    ({"metrics": {"final_greedy_acc": "x"}}, r"spec.metrics: expected a non-empty list"),
+    ({"metrics": []}, r"spec.metrics: expected a non-empty list"),
+    ({"metrics": ["final_greedy_acc", "accuracy"]}, r"spec.metrics: unknown \['accuracy'\] \(known: "),
+    ({"metrics": ["kl_last", "kl_last"]}, r"spec.metrics: expected distinct"),
+    ({"steps": 0}, r"spec.steps: expected an int >= 1"),
+    ({"steps": 3}, r"spec.steps: 3 disagrees with spec.base.steps 2"),
 ])
 def test_bad_specs_raise_naming_the_problem(tmp_path, patch, match):
     with pytest.raises(ValueError, match=match):
@@ -363,6 +369,29 @@ def test_labels_state_the_specs_window_not_a_fixed_20_percent(tmp_path):
     assert sweep_summary.metric_label("final_greedy_acc", 0.3) == "final greedy accuracy (held-out)"
     with pytest.raises(ValueError, match="last_frac"):
         sweep_summary.metric_label("entropy_last", 0)
+
+
+def test_spec_metrics_and_steps_are_used_not_ignored(tmp_path):
+    """The spec's declared metrics are the tables' columns and the verdicts; a top-level "steps" sets every run's."""
+    base = {k: v for k, v in SPEC["base"].items() if k != "steps"}
+    spec = sweep.load_spec(write_spec(tmp_path, {**SPEC, "base": base, "steps": 2,
+                                                 "metrics": ["train_acc_last", "final_greedy_acc"]}))
+    assert spec.metrics == ("train_acc_last", "final_greedy_acc") and spec.base["steps"] == 2
+    assert all(sweep.config_for(spec, a, 0).steps == 2 for a in spec.arms)
+    for seed in (0, 1):
+        fake_run(tmp_path / "grpo" / f"s{seed}", 2, values={2: {"acc": 0.5}})
+        fake_run(tmp_path / "calibrl" / f"s{seed}", 2, values={2: {"acc": 0.25 * (seed + 3)}})
+    summary = sweep_summary.load_study(tmp_path)["summary"]
+    assert summary["declared"] == ["train_acc_last", "final_greedy_acc"]
+    md = sweep_summary.to_markdown(summary)
+    per_arm = md.split("## Per arm", 1)[1].split("##", 1)[0]
+    assert "| arm | seeds | training accuracy, last 20% | final greedy accuracy (held-out) |" in per_arm
+    assert "entropy" not in per_arm and "pass@k" not in per_arm
+    verdicts = md.split("## Paired verdicts", 1)[1]
+    assert "calibrl: final greedy accuracy (held-out)" in verdicts and "entropy" not in verdicts
+    assert "training accuracy" not in verdicts  # verdicts: the declared metrics among VERDICT_METRICS
+    write_spec(tmp_path, SPEC)  # no "metrics": the pre-declared PRIMARY_METRICS
+    assert sweep_summary.load_study(tmp_path)["summary"]["declared"] == list(sweep_summary.PRIMARY_METRICS)
 
 
 def test_readme_tables_are_the_shipped_study_summary():
