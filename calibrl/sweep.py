@@ -39,6 +39,7 @@ from typing import Any
 
 SPEC_KEYS = {"name", "budget", "baseline", "seeds", "steps", "base", "arms", "metrics", "description", "last_frac"}
 ARM_KEYS = {"name", "set", "seeds", "role", "description", "reference"}
+SHARED_EVAL = ("eval_n", "pass_k")  # one held-out protocol for every arm, or paired differences mix metrics
 ROLES = ("pilot", "primary", "secondary")
 """Pilot arms (e.g. to choose a coefficient) are scheduled with the primary arms of their seeds; secondary arms
 after all primary seeds."""
@@ -164,8 +165,14 @@ def load_spec(path: str | os.PathLike) -> Spec:
         raise ValueError(f"spec.last_frac: expected a number in (0, 1], got {last_frac!r}")
     spec = Spec(_component(raw["name"], "spec.name"), raw.get("budget", "small"), baseline, base, arms,
                 float(last_frac), raw.get("description", ""), path, raw, _metrics(raw.get("metrics")))
-    for arm in arms:
-        config_for(spec, arm, arm.seeds[0])  # validates the overrides
+    shared = config_for(spec, Arm("base", {}, [0]), 0)
+    for i, arm in enumerate(arms):
+        cfg = config_for(spec, arm, arm.seeds[0])  # validates the overrides
+        for key in SHARED_EVAL:
+            if getattr(cfg, key) != getattr(shared, key):
+                raise ValueError(f"spec.arms[{i}].set.{key}: {getattr(cfg, key)!r} differs from the spec's "
+                                 f"{getattr(shared, key)!r}: paired differences need one held-out evaluation for "
+                                 f"every arm; set {key} in spec.base")
     return spec
 
 

@@ -47,13 +47,17 @@ CURVES = (("entropy_mean", "entropy"), ("acc_mean", "training accuracy"), ("eval
 RANGES = {"entropy_mean": (0.0, None), "kl_to_start": (0.0, None)}  # others are fractions in [0, 1]
 
 
-def metric_label(metric: str, last_frac: float) -> str:
-    """The human label of `metric` with the averaging window written out: last_frac 0.2 -> "... last 20% ..."."""
+def metric_label(metric: str, last_frac: float, pass_k: int | None = None) -> str:
+    """The human label of `metric` with the averaging window written out (last_frac 0.2 -> "... last 20% ...") and,
+    given pass_k, the k of pass@k."""
     if metric not in METRICS:
         raise ValueError(f"metric: unknown {metric!r} (known: {sorted(METRICS)})")
     if isinstance(last_frac, bool) or not isinstance(last_frac, (int, float)) or not 0 < last_frac <= 1:
         raise ValueError(f"last_frac: expected a number in (0, 1], got {last_frac!r}")
-    return METRICS[metric][2].format(last=f"{100 * last_frac:.4g}%")
+    if pass_k is not None and (isinstance(pass_k, bool) or not isinstance(pass_k, int) or pass_k < 1):
+        raise ValueError(f"pass_k: expected an int >= 1 or None, got {pass_k!r}")
+    label = METRICS[metric][2].format(last=f"{100 * last_frac:.4g}%")
+    return label if pass_k is None else label.replace("pass@k", f"pass@{pass_k}")
 
 
 def _label(summary: dict, metric: str) -> str:
@@ -107,7 +111,10 @@ def _paired(fin: dict[int, dict], other: dict[int, dict]) -> dict[str, dict]:
 def summarize(spec: Any, out: Path) -> dict:
     """Per arm: n finished seeds, mean ± CI of each metric, paired difference vs the baseline arm ("vs_baseline")
     and, for an arm with a reference, vs that arm ("reference", "vs_reference")."""
+    from calibrl.sweep import config_for
+
     runs = collect(spec, out)
+    pass_k = config_for(spec, spec.arms[0], spec.arms[0].seeds[0]).pass_k  # load_spec: the same for every arm
     base = {s: r["metrics"] for s, r in runs[spec.baseline].items() if r["metrics"]}
     arms = {}
     for arm in spec.arms:
@@ -124,7 +131,7 @@ def summarize(spec: Any, out: Path) -> dict:
         entry["runs"] = {str(s): v for s, v in fin.items()}
         arms[arm.name] = entry
     return {"spec": spec.name, "budget": spec.budget, "baseline": spec.baseline, "base": spec.base,
-            "last_frac": spec.last_frac, "metrics": {k: metric_label(k, spec.last_frac) for k in METRICS},
+            "last_frac": spec.last_frac, "metrics": {k: metric_label(k, spec.last_frac, pass_k) for k in METRICS},
             "declared": list(spec.metrics or PRIMARY_METRICS), "arms": arms,
             "n_runs": sum(len(a["seeds_done"]) for a in arms.values()), "_runs": runs}
 

@@ -93,7 +93,8 @@ def test_sign_test_rejects_non_counts(bad):
     ({"metrics": ["final_greedy_acc", "accuracy"]}, r"spec.metrics: unknown \['accuracy'\] \(known: "),
     ({"metrics": ["kl_last", "kl_last"]}, r"spec.metrics: expected distinct"),
     ({"steps": 0}, r"spec.steps: expected an int >= 1"),
-    ({"steps": 3}, r"spec.steps: 3 disagrees with spec.base.steps 2"),
+    ({"steps": 3}, r"spec.steps: 3 disagrees with spec.base.steps 2"),    ({"arms": [{"name": "grpo"}, {"name": "b", "set": {"pass_k": 4}}]}, r"spec.arms\[1\].set.pass_k: 4 differs"),
+    ({"arms": [{"name": "grpo", "set": {"eval_n": 8}}, {"name": "b"}]}, r"spec.arms\[0\].set.eval_n: 8 differs"),
 ])
 def test_bad_specs_raise_naming_the_problem(tmp_path, patch, match):
     with pytest.raises(ValueError, match=match):
@@ -367,6 +368,9 @@ def test_labels_state_the_specs_window_not_a_fixed_20_percent(tmp_path):
     assert sweep_summary.metric_label("entropy_trend_last", 0.125) == \
         "entropy change within the last 12.5% (2nd half − 1st half)"
     assert sweep_summary.metric_label("final_greedy_acc", 0.3) == "final greedy accuracy (held-out)"
+    assert "final pass@2 (held-out)" in md and "pass@k" not in md  # the spec's k (smoke budget: 2), not "k"
+    assert sweep_summary.metric_label("final_pass_at_k", 0.2, pass_k=8) == "final pass@8 (held-out)"
+    assert sweep_summary.metric_label("final_pass_at_k", 0.2) == "final pass@k (held-out)"
     with pytest.raises(ValueError, match="last_frac"):
         sweep_summary.metric_label("entropy_last", 0)
 
