@@ -12,6 +12,7 @@ under `torch.no_grad()` (LoRA dropout is 0, so train mode changes nothing else).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -214,6 +215,22 @@ def suppress_ids_for(tokenizer: Any, eos_ids: list[int]) -> list[int]:
     return sorted(i for i in ids if i not in eos_ids)
 
 
+@contextlib.contextmanager
+def _no_load_bar(quiet: bool):
+    """Hide transformers' "Loading weights" bar (quiet=True: the embedded model, loaded in milliseconds); the
+    user's progress-bar setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if quiet and was_on:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_policy(name_or_path: str = TINY_NAME, *, quantization: str | None = None, lora: Any = None,
                 dtype: Any = None, device: Any = None, gradient_checkpointing: bool | None = None) -> Policy:
     """Load a vision-language policy.
@@ -249,7 +266,8 @@ def load_policy(name_or_path: str = TINY_NAME, *, quantization: str | None = Non
         kwargs: dict[str, Any] = {"dtype": dt}
         if quantization == "4bit":
             kwargs.update(quantization_config=_bnb_config(dev, dt), device_map={"": str(dev)})
-        model = _model_class(cfg.model_type).from_pretrained(src, **kwargs)
+        with _no_load_bar(str(name_or_path) == TINY_NAME):
+            model = _model_class(cfg.model_type).from_pretrained(src, **kwargs)
     except (OSError, ConnectionError) as e:
         if local:
             raise ValueError(f"name_or_path: could not load {src!r}: {e}") from e

@@ -109,6 +109,26 @@ def test_load_tiny_asset_fast():
     assert hasattr(pol.processor, "image_processor")
 
 
+def test_embedded_model_loads_without_a_progress_bar_and_leaves_bars_as_they_were(capfd, tiny_dir):
+    """The main job's output is its own bars and result line: transformers' "Loading weights" bar for a model that
+    loads in milliseconds is clutter. Other checkpoints keep the bar, and the user's setting is restored."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    capfd.readouterr()
+    load_policy("tiny")
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # restored
+    load_policy(str(tiny_dir))
+    assert "Loading weights" in capfd.readouterr().err  # a checkpoint path: the bar stays
+    hf_logging.disable_progress_bar()
+    try:
+        load_policy("tiny")
+        assert not hf_logging.is_progress_bar_enabled()  # a user who turned bars off keeps them off
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def test_unknown_names_and_bad_options(tiny_dir, monkeypatch):
     with pytest.raises(ValueError, match='"tiny"'):
         load_policy("no-such-model")
