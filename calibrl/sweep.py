@@ -165,12 +165,12 @@ def load_spec(path: str | os.PathLike) -> Spec:
         raise ValueError(f"spec.last_frac: expected a number in (0, 1], got {last_frac!r}")
     spec = Spec(_component(raw["name"], "spec.name"), raw.get("budget", "small"), baseline, base, arms,
                 float(last_frac), raw.get("description", ""), path, raw, _metrics(raw.get("metrics")))
-    shared = config_for(spec, Arm("base", {}, [0]), 0)
-    for i, arm in enumerate(arms):
-        cfg = config_for(spec, arm, arm.seeds[0])  # validates the overrides
+    configs = [config_for(spec, arm, arm.seeds[0]) for arm in arms]  # validates the overrides
+    shared = configs[names.index(baseline)]
+    for i, cfg in enumerate(configs):
         for key in SHARED_EVAL:
             if getattr(cfg, key) != getattr(shared, key):
-                raise ValueError(f"spec.arms[{i}].set.{key}: {getattr(cfg, key)!r} differs from the spec's "
+                raise ValueError(f"spec.arms[{i}].set.{key}: {getattr(cfg, key)!r} differs from the baseline arm's "
                                  f"{getattr(shared, key)!r}: paired differences need one held-out evaluation for "
                                  f"every arm; set {key} in spec.base")
     return spec
