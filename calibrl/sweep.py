@@ -108,6 +108,8 @@ def _metrics(value: Any) -> tuple[str, ...]:
 
 def load_spec(path: str | os.PathLike) -> Spec:
     """Read and check a spec file; every arm's config is built (and validated) once here."""
+    from calibrl import _validate as V
+
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -154,17 +156,13 @@ def load_spec(path: str | os.PathLike) -> Spec:
     if not isinstance(base, dict):
         raise ValueError("spec.base: expected an object of TrainConfig/LossConfig overrides")
     if "steps" in raw:
-        steps = raw["steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"spec.steps: expected an int >= 1, got {steps!r}")
+        steps = V.int_arg(raw["steps"], "spec.steps")
         if "steps" in base and base["steps"] != steps:
             raise ValueError(f"spec.steps: {steps} disagrees with spec.base.steps {base['steps']!r} (give one)")
         base = {**base, "steps": steps}
-    last_frac = raw.get("last_frac", 0.2)
-    if isinstance(last_frac, bool) or not isinstance(last_frac, (int, float)) or not 0 < last_frac <= 1:
-        raise ValueError(f"spec.last_frac: expected a number in (0, 1], got {last_frac!r}")
+    last_frac = V.number(raw.get("last_frac", 0.2), "spec.last_frac", lo=0, hi=1, lo_open=True)
     spec = Spec(_component(raw["name"], "spec.name"), raw.get("budget", "small"), baseline, base, arms,
-                float(last_frac), raw.get("description", ""), path, raw, _metrics(raw.get("metrics")))
+                last_frac, raw.get("description", ""), path, raw, _metrics(raw.get("metrics")))
     configs = [config_for(spec, arm, arm.seeds[0]) for arm in arms]  # validates the overrides
     shared = configs[names.index(baseline)]
     for i, cfg in enumerate(configs):

@@ -50,18 +50,13 @@ RANGES = {"entropy_mean": (0.0, None), "kl_to_start": (0.0, None)}  # others are
 def metric_label(metric: str, last_frac: float, pass_k: int | None = None) -> str:
     """The human label of `metric` with the averaging window written out (last_frac 0.2 -> "... last 20% ...") and,
     given pass_k, the k of pass@k."""
+    from calibrl import _validate as V
+
     if metric not in METRICS:
         raise ValueError(f"metric: unknown {metric!r} (known: {sorted(METRICS)})")
-    if isinstance(last_frac, bool) or not isinstance(last_frac, (int, float)) or not 0 < last_frac <= 1:
-        raise ValueError(f"last_frac: expected a number in (0, 1], got {last_frac!r}")
-    if pass_k is not None and (isinstance(pass_k, bool) or not isinstance(pass_k, int) or pass_k < 1):
-        raise ValueError(f"pass_k: expected an int >= 1 or None, got {pass_k!r}")
+    last_frac = V.number(last_frac, "last_frac", lo=0, hi=1, lo_open=True)
     label = METRICS[metric][2].format(last=f"{100 * last_frac:.4g}%")
-    return label if pass_k is None else label.replace("pass@k", f"pass@{pass_k}")
-
-
-def _label(summary: dict, metric: str) -> str:
-    return summary.get("metrics", {}).get(metric) or metric_label(metric, summary.get("last_frac", 0.2))
+    return label if pass_k is None else label.replace("pass@k", f"pass@{V.int_arg(pass_k, 'pass_k')}")
 
 
 def run_metrics(rows: list[dict], steps: int, last_frac: float) -> dict[str, float | None]:
@@ -141,7 +136,7 @@ def _table(summary: dict, metrics: tuple[str, ...], diff: bool, against: str = "
     counts the paired seeds (the seeds both arms finished)."""
     by_ref = diff and against == "reference"
     head = ("| arm − reference | paired seeds | " if by_ref else "| arm | seeds | ") \
-        + " | ".join(_label(summary, m) for m in metrics) + " |"
+        + " | ".join(summary["metrics"][m] for m in metrics) + " |"
     lines = [head, "|" + "---|" * (len(metrics) + 2)]
     for name, a in summary["arms"].items():
         src = a.get(f"vs_{against}") if diff else a["metrics"]
@@ -166,7 +161,7 @@ def to_markdown(summary: dict) -> str:
     and (arms with a reference) against their reference, the gate probes and one sentence per paired comparison on
     VERDICT_METRICS (from `reading`). The tables show the spec's declared metrics (default PRIMARY_METRICS), the
     verdicts the declared ones among VERDICT_METRICS (all declared ones when none is)."""
-    declared = tuple(summary.get("declared") or PRIMARY_METRICS)
+    declared = tuple(summary["declared"])
     verdict_metrics = tuple(m for m in declared if m in VERDICT_METRICS) or declared
     gate = ("gate_passed_below", "gate_failed_above", "gate_tie_frac", "expert_gap_q50")
     partial = {n: a["seeds_partial"] for n, a in summary["arms"].items() if a["seeds_partial"]}
@@ -342,7 +337,7 @@ def reading(summary: dict, metric: str, *, digits: int = 3, against: str = "base
     if metric not in METRICS:
         raise ValueError(f"metric: unknown {metric!r} (known: {sorted(METRICS)})")
     key = _check_against(against)
-    label = _label(summary, metric)
+    label = summary["metrics"][metric]
     lines = []
     for name, a in summary["arms"].items():
         d = a.get(key, {}).get(metric)

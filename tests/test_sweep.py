@@ -93,7 +93,8 @@ def test_sign_test_rejects_non_counts(bad):
     ({"metrics": ["final_greedy_acc", "accuracy"]}, r"spec.metrics: unknown \['accuracy'\] \(known: "),
     ({"metrics": ["kl_last", "kl_last"]}, r"spec.metrics: expected distinct"),
     ({"steps": 0}, r"spec.steps: expected an int >= 1"),
-    ({"steps": 3}, r"spec.steps: 3 disagrees with spec.base.steps 2"),    ({"arms": [{"name": "grpo"}, {"name": "b", "set": {"pass_k": 4}}]}, r"spec.arms\[1\].set.pass_k: 4 differs"),
+    ({"steps": 3}, r"spec.steps: 3 disagrees with spec.base.steps 2"),
+    ({"arms": [{"name": "grpo"}, {"name": "b", "set": {"pass_k": 4}}]}, r"spec.arms\[1\].set.pass_k: 4 differs"),
     ({"arms": [{"name": "grpo", "set": {"eval_n": 8}}, {"name": "b"}]}, r"spec.arms\[1\].set.eval_n: 4 differs from the baseline arm's 8"),
 ])
 def test_bad_specs_raise_naming_the_problem(tmp_path, patch, match):
